@@ -1,0 +1,105 @@
+"""train_sft.py as a user runs it: recipes parse, preview works without weights, bad input fails early."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, write_jsonl
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def run_train(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, str(REPO / "train_sft.py"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_every_recipe_parses_into_the_argument_dataclasses(recipe):
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    from alpaca_sft.arguments import ScriptArguments, check_settings
+
+    import torch
+
+    # TrainingArguments refuses bf16 on a machine without a bf16 GPU; everything else parses as shipped.
+    cpu_only = [] if torch.cuda.is_available() else ["--bf16", "false"]
+    script_args, training_args, model_args = TrlParser((ScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(
+        ["--config", str(recipe), *cpu_only]
+    )
+    assert model_args.model_name_or_path and model_args.use_peft
+    assert training_args.output_dir.startswith("runs/")
+    assert script_args.overlong_policy in ("drop", "error")
+    if "qlora" in recipe.name:
+        assert model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4"
+    if training_args.gradient_checkpointing:
+        assert training_args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    check_settings(script_args, training_args, model_args)
+
+
+def test_recipes_exist():
+    assert {r.name for r in RECIPES} >= {"tiny-cpu.yaml", "mistral-7b-lora.yaml", "mistral-7b-qlora.yaml"}
+
+
+def test_preview_prints_marked_examples_and_loads_no_weights(tmp_path, tokenizer_dir):
+    # tokenizer_dir holds a tokenizer and no model: any attempt to load weights would fail.
+    out = tmp_path / "out"
+    result = run_train(
+        "--config", REPO / "recipes/tiny-cpu.yaml", "--model_name_or_path", tokenizer_dir,
+        "--output_dir", out, "--preview", 3,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("===== example") == 3
+    assert "[[The three primary colors are red, blue and yellow.</s>]]" in result.stdout
+    assert "24 rows read, 24 kept" in result.stdout
+    rows = [json.loads(line) for line in (out / "preview.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert len(row["input_ids"]) == len(row["labels"])
+        assert row["labels"][0] == -100 and row["labels"][-1] == 2 == row["input_ids"][-1]
+        assert row["trained_text"].endswith("</s>")
+
+
+def test_bad_row_fails_before_weights_load_and_names_the_row(tmp_path, tokenizer_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": 5}])
+    result = run_train(
+        "--config", REPO / "recipes/tiny-cpu.yaml", "--model_name_or_path", tokenizer_dir,
+        "--dataset_name", data, "--output_dir", tmp_path / "out",
+    )
+    assert result.returncode == 1
+    assert "row 1 (line 2): `output` is int, not a string" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["--lora_r", "0"], "lora_r=0"),
+        (["--max_length", "0"], "max_length=0"),
+        (["--overlong_policy", "truncate"], "overlong_policy='truncate'"),
+        (["--dataset_name", "missing.jsonl"], "no such file"),
+        (["--use_peft", "false", "--load_in_4bit", "true"], "only be trained through adapters"),
+    ],
+)
+def test_bad_settings_fail_before_weights_load(tmp_path, tokenizer_dir, override, message):
+    result = run_train(
+        "--config", REPO / "recipes/tiny-cpu.yaml", "--model_name_or_path", tokenizer_dir,
+        "--output_dir", tmp_path / "out", *override,
+    )
+    assert result.returncode == 1, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_recipe_key_is_rejected(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((REPO / "recipes/tiny-cpu.yaml").read_text() + "lora_rnak: 8\n")
+    result = run_train("--config", recipe)
+    assert result.returncode != 0
+    assert "lora_rnak" in result.stderr

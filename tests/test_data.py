@@ -1,0 +1,199 @@
+"""Data: reading, validation, the Alpaca template, completion-only labels with the real tokenizer."""
+
+import json
+
+import pytest
+from conftest import REPO, write_jsonl
+
+from alpaca_sft.data import IGNORE_INDEX, DataError, DataReport, build_dataset, tokenize
+from alpaca_sft.template import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, render_prompt
+
+AWKWARD_RESPONSES = [
+    "SELECT class FROM table_name_12 WHERE frequency_mhz > 91.5",
+    " starts with a space",
+    "\nstarts with a newline",
+    "  two  spaces inside",
+    "def square(x):\n    return x * x",
+    "```sql\nSELECT 1\n```",
+    "日本語で答えます。",
+    "Привет, мир",
+    "\ttab first",
+    "says </s> and <s> as text",
+    "emoji 🙂 and trailing space ",
+]
+
+
+def trained_ids(row):
+    return [token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+
+
+def test_template_is_stanfords_text():
+    assert render_prompt("Add.", "1 and 2") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nAdd.\n\n### Input:\n1 and 2\n\n### Response:\n"
+    )
+    assert render_prompt("Add.", "") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nAdd.\n\n### Response:\n"
+    )
+    assert render_prompt("Add.", "  ") == PROMPT_NO_INPUT.format(instruction="Add.")
+    assert PROMPT_WITH_INPUT.endswith("### Response:\n")
+
+
+@pytest.mark.parametrize("with_input", [False, True])
+@pytest.mark.parametrize("response", AWKWARD_RESPONSES)
+def test_supervised_tokens_are_exactly_response_plus_eos(tokenizer, sentencepiece_oracle, response, with_input):
+    prompt = render_prompt("Answer the question.", "some input" if with_input else "")
+    (row,) = tokenize([{"prompt": prompt, "completion": response}], tokenizer, DataReport("test"))
+
+    # Independent reference: raw sentencepiece, which never parses "</s>" in text as a control token.
+    prompt_ids = sentencepiece_oracle.encode(prompt, add_bos=True)
+    full_ids = sentencepiece_oracle.encode(prompt + response, add_bos=True)
+    assert full_ids[: len(prompt_ids)] == prompt_ids
+    assert row["input_ids"] == full_ids + [tokenizer.eos_token_id]
+    assert row["labels"][: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    assert trained_ids(row) == full_ids[len(prompt_ids) :] + [tokenizer.eos_token_id]
+    # Exactly one EOS, the last token, and it is supervised.
+    assert row["input_ids"].count(tokenizer.eos_token_id) == 1
+    assert row["labels"][-1] == tokenizer.eos_token_id
+    assert sentencepiece_oracle.decode(row["input_ids"][:-1]) == prompt + response
+
+
+def test_boundary_that_does_not_split_is_retokenized_not_warned(tokenizer):
+    # A prompt ending in a space is the classic trl#980 case: " SELECT" merges into one piece.
+    prompt = "### Response: "
+    report = DataReport("test")
+    (row,) = tokenize([{"prompt": prompt, "completion": "SELECT 1"}], tokenizer, report)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    assert report.boundary_retokenized == 1
+    assert row["input_ids"][: len(prompt_ids)] == prompt_ids  # what inference on the prompt sees
+    assert tokenizer.decode(row["input_ids"][len(prompt_ids) : -1]).strip() == "SELECT 1"
+    assert tokenizer.decode(row["input_ids"], skip_special_tokens=True) == prompt + "SELECT 1"
+    assert row["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_pad_token_is_never_eos(tokenizer):
+    assert tokenizer.pad_token_id is not None
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def good(i):
+    return {"instruction": f"Say {i}.", "input": "" if i % 2 else f"context {i}", "output": f"Answer {i}."}
+
+
+BAD_ROWS = [
+    ("not an object", '["a list"]', "not an object", "expected an object"),
+    ("missing instruction", json.dumps({"input": "", "output": "x"}), "missing instruction", "no `instruction`"),
+    ("instruction not a string", json.dumps({"instruction": 3, "output": "x"}), "instruction not a string", "is int"),
+    ("missing output", json.dumps({"instruction": "x"}), "missing output", "no `output`"),
+    ("null output", json.dumps({"instruction": "x", "output": None}), "missing output", "no `output`"),
+    ("output not a string", json.dumps({"instruction": "x", "output": ["a"]}), "output not a string", "is list"),
+    ("empty output", json.dumps({"instruction": "x", "output": "  "}), "empty output", "`output` is empty"),
+    ("input not a string", json.dumps({"instruction": "x", "input": 5, "output": "y"}), "input not a string", "`input` is int"),
+    ("unreadable line", '{"instruction": "x", "output": ', "unreadable line", "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("kind,line,reason,detail", BAD_ROWS, ids=[b[0] for b in BAD_ROWS])
+def test_each_bad_row_kind_is_named_by_row_and_line(tmp_path, tokenizer, kind, line, reason, detail):
+    lines = [json.dumps(good(0)), json.dumps(good(1)), "", line, json.dumps(good(2))]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as err:
+        build_dataset(str(path), tokenizer)
+    message = str(err.value)
+    assert "row 2 (line 4)" in message  # the blank line 3 is not a row
+    assert detail in message
+    assert "drop_invalid_rows" in message
+
+    dataset, report = build_dataset(str(path), tokenizer, drop_invalid_rows=True)
+    assert len(dataset) == 3
+    assert report.rows_read == 4 and report.rows_kept == 3
+    assert report.dropped == {reason: 1}
+
+
+def test_one_error_names_every_bad_row(tmp_path, tokenizer):
+    records = [good(0), {"instruction": "x"}, good(1), {"instruction": "x", "output": ""}, {"output": "y"}]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    with pytest.raises(DataError) as err:
+        build_dataset(str(path), tokenizer)
+    message = str(err.value)
+    assert "3 of 5 rows" in message
+    for where in ("row 1 (line 2)", "row 3 (line 4)", "row 4 (line 5)"):
+        assert where in message
+    _, report = build_dataset(str(path), tokenizer, drop_invalid_rows=True)
+    assert report.dropped == {"missing output": 1, "empty output": 1, "missing instruction": 1}
+
+
+def test_json_array_rows_are_named_by_index(tmp_path, tokenizer):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([good(0), {"instruction": "x", "output": 7}]))
+    with pytest.raises(DataError, match=r"row 1: `output` is int"):
+        build_dataset(str(path), tokenizer)
+
+
+def write_all_formats(tmp_path, records):
+    """The same records as every supported source, the Hub layout included."""
+    import pandas as pd
+
+    frame = pd.DataFrame(records)
+    paths = {"jsonl": write_jsonl(tmp_path / "d.jsonl", records), "json": tmp_path / "d.json"}
+    paths["json"].write_text(json.dumps(records, ensure_ascii=False))
+    paths["parquet"] = tmp_path / "d.parquet"
+    frame.to_parquet(paths["parquet"])
+    paths["csv"] = tmp_path / "d.csv"
+    frame.to_csv(paths["csv"], index=False)
+    # A folder laid out like a Hub dataset repo goes through the same load_dataset(name, split=...)
+    # call that "tatsu-lab/alpaca" does.
+    hub = tmp_path / "hub-like" / "data"
+    hub.mkdir(parents=True)
+    frame.to_parquet(hub / "train-00000-of-00001.parquet")
+    paths["hub"] = hub.parent
+    return paths
+
+
+def test_every_source_format_gives_the_same_examples(tmp_path, tokenizer):
+    records = [good(i) for i in range(6)] + [{"instruction": "Quote", "input": "", "output": 'He said "hi",\nthen left.'}]
+    datasets = {}
+    for fmt, path in write_all_formats(tmp_path, records).items():
+        dataset, report = build_dataset(str(path), tokenizer)
+        assert report.rows_read == len(records) and report.rows_kept == len(records), fmt
+        datasets[fmt] = dataset.to_dict()
+    reference = datasets.pop("jsonl")
+    for fmt, data in datasets.items():
+        assert data == reference, fmt
+    assert len(reference["input_ids"]) == len(records)
+
+
+def test_missing_file_and_unknown_suffix(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="does not exist"):
+        build_dataset(str(tmp_path / "nope.jsonl"), tokenizer)
+    odd = tmp_path / "d.txt"
+    odd.write_text("hello")
+    with pytest.raises(DataError, match="unsupported data file"):
+        build_dataset(str(odd), tokenizer)
+
+
+def test_overlong_examples_are_dropped_and_counted_never_cut(tmp_path, tokenizer):
+    records = [good(0), {"instruction": "Long.", "input": "", "output": "word " * 300}, good(1)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    dataset, report = build_dataset(str(path), tokenizer, max_length=128)
+    assert len(dataset) == 2
+    assert report.dropped == {"longer than max_length=128": 1}
+    for row in dataset:
+        assert row["input_ids"][-1] == tokenizer.eos_token_id
+    with pytest.raises(DataError, match=r"1 examples are longer than max_length=128: 1 \("):
+        build_dataset(str(path), tokenizer, max_length=128, overlong_policy="error")
+
+
+def test_report_counts_tokens(tokenizer):
+    path = REPO / "data" / "alpaca_sample.jsonl"
+    dataset, report = build_dataset(str(path), tokenizer)
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    trained = sum(sum(label != IGNORE_INDEX for label in labels) for labels in dataset["labels"])
+    assert report.rows_read == report.rows_kept == len(dataset) == 24
+    assert report.total_tokens == sum(lengths)
+    assert report.trained_tokens == trained
+    assert report.tokens_per_example["max"] == max(lengths)
+    assert "24 rows read, 24 kept" in report.summary()
