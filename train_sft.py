@@ -3,25 +3,49 @@
     accelerate launch train_sft.py --config recipes/mistral-7b-lora.yaml
     accelerate launch train_sft.py --config recipes/mistral-7b-qlora.yaml --learning_rate 1e-4
     python train_sft.py --config recipes/tiny-cpu.yaml --preview 3      # see the supervised tokens
+    accelerate launch train_sft.py --config <same recipe> --resume_from_checkpoint true
 
-YAML recipes set every knob; any flag on the command line overrides the recipe.
+YAML recipes set every knob; any flag on the command line overrides the recipe. Ctrl-C or SIGTERM
+saves a resumable checkpoint; the finished adapter, tokenizer, resolved config and
+run_summary.json land in output_dir.
 """
 
-import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 from accelerate import PartialState
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 from alpaca_sft.arguments import ScriptArguments, SettingsError, check_settings
+from alpaca_sft.attention import resolve_attention
+from alpaca_sft.callbacks import GracefulStopCallback, NonFiniteGuardCallback, ProgressCallback
 from alpaca_sft.data import DataError, build_dataset, preview
 from alpaca_sft.modeling import load_model, load_tokenizer
+from alpaca_sft.outputs import run_summary, save_resolved_config, write_json
 
 
-def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
+class TrainingStopped(RuntimeError):
+    """The run stopped before its end; the message says what is on disk and what to do."""
+
+
+def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer | None:
+    started = time.time()
     state = PartialState()
     check_settings(script_args, training_args, model_args)
+    if int(os.environ.get("WORLD_SIZE", 1)) > state.num_processes:
+        raise SettingsError(
+            f"{os.environ['WORLD_SIZE']} processes were launched but not joined into one group, so each "
+            "would train alone; on a machine without a GPU add --use_cpu true"
+        )
+    if training_args.hub_token:  # keep it out of every saved config and log
+        os.environ["HF_TOKEN"], training_args.hub_token = training_args.hub_token, None
+    if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}  # DDP-safe with frozen weights
+    training_args.logging_nan_inf_filter = False  # a NaN loss must show, not be averaged away
+    output_dir = Path(training_args.output_dir)
 
     ################
     # Data: validated and tokenized before any weights load
@@ -42,31 +66,65 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
 
     if script_args.preview:
         if state.is_main_process:
-            path = Path(training_args.output_dir) / "preview.jsonl"
-            print(preview(dataset, tokenizer, script_args.preview, path))
-            print(f"wrote {path}")
-        return
+            print(preview(dataset, tokenizer, script_args.preview, output_dir / "preview.jsonl"))
+            print(f"wrote {output_dir / 'preview.jsonl'}")
+        return None
 
     ################
-    # Model and training
+    # Model
     ################
-    model = load_model(model_args, tokenizer)
+    attn_implementation = resolve_attention(model_args.attn_implementation, training_args.packing)
+    model = load_model(model_args, tokenizer, attn_implementation)
+
+    ################
+    # Training
+    ################
+    progress, stop, guard = ProgressCallback(), GracefulStopCallback(), NonFiniteGuardCallback()
     trainer = SFTTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        callbacks=[progress, stop, guard],
     )
-    trainer.train()
-    trainer.save_model(training_args.output_dir)
     if state.is_main_process:
-        (Path(training_args.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(output_dir / "train_config.yaml", script_args, training_args, model_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    status = None
+    if guard.tripped_at is not None:
+        status = f"stopped: non-finite loss or weights at step {guard.tripped_at}"
+    elif stop.stopped_at is not None:
+        status = f"stopped: {signal.Signals(stop.received).name} at step {stop.stopped_at}"
+    if status is None:
+        trainer.save_model(str(output_dir))  # adapter (safetensors) + tokenizer
+        model.generation_config.save_pretrained(output_dir)
+    if state.is_main_process:
+        write_json(output_dir / "run_summary.json", run_summary(trainer, progress, report, started, attn_implementation, status))
+    state.wait_for_everyone()
+
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    last_good = checkpoints[-1] if checkpoints else None
+    if guard.tripped_at is not None:
+        raise TrainingStopped(
+            f"the loss or a trainable weight became NaN/inf at step {guard.tripped_at}; nothing was saved after "
+            f"it. Last good checkpoint: {last_good or 'none'}. Lower the learning rate or check the data, then "
+            "resume from that checkpoint (--resume_from_checkpoint <path>) or start again."
+        )
+    if stop.stopped_at is not None:
+        print(
+            f"{status}; checkpoint saved to {last_good}. "
+            "Run the same command with --resume_from_checkpoint true to continue from there."
+        )
+        sys.exit(128 + stop.received)
+    return trainer
 
 
 if __name__ == "__main__":
     parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig))
     try:
         main(*parser.parse_args_and_config())
-    except (SettingsError, DataError) as err:
+    except (SettingsError, DataError, TrainingStopped) as err:
         sys.exit(f"error: {err}")

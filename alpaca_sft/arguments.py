@@ -4,10 +4,14 @@ checks that reject bad settings before any weights load."""
 from __future__ import annotations
 
 import importlib.util
+
+import torch
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .attention import resolve_attention
 from .data import LOCAL_SUFFIXES
+from .outputs import holds_a_run
 
 
 class SettingsError(ValueError):
@@ -60,6 +64,24 @@ def check_settings(script_args: ScriptArguments, training_args, model_args) -> N
         problems.append("load_in_4bit/load_in_8bit need bitsandbytes: pip install bitsandbytes")
     if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
         problems.append("a quantized base can only be trained through adapters: set use_peft: true")
+    if model_args.load_in_4bit and not torch.cuda.is_available() and not training_args.use_cpu:
+        problems.append(
+            "load_in_4bit without a CUDA GPU: bitsandbytes runs NF4 on the CPU ~100x slower; "
+            "set use_cpu: true if that is really what you want"
+        )
+    if training_args.use_liger_kernel and not importlib.util.find_spec("liger_kernel"):
+        problems.append("use_liger_kernel needs liger-kernel: pip install liger-kernel (or set it false)")
+    try:
+        resolve_attention(model_args.attn_implementation, training_args.packing)
+    except ValueError as err:
+        problems.append(str(err))
+    if holds_a_run(training_args.output_dir) and not (
+        script_args.overwrite_output_dir or training_args.resume_from_checkpoint or script_args.preview
+    ):
+        problems.append(
+            f"output_dir={training_args.output_dir} already holds a run: pass --resume_from_checkpoint true to "
+            "continue it, --overwrite_output_dir true to replace it, or another --output_dir"
+        )
     source = Path(script_args.dataset_name)
     if source.suffix in LOCAL_SUFFIXES and not source.is_file():
         problems.append(f"dataset_name={script_args.dataset_name}: no such file")

@@ -1,0 +1,104 @@
+"""Attention for packed rows that keeps the packed examples apart.
+
+TRL's padding-free packing concatenates many examples into one row and hands the model their
+boundaries (`cu_seq_lens_q`). flash-attn's varlen kernel honours them; PyTorch SDPA given only a
+causal flag does not, and lets every example attend to the ones packed before it. Without
+flash-attn, this module registers "document_flex" with transformers' AttentionInterface: a
+`flex_attention` whose block mask is causal *within* each example and empty across examples
+(compiled on CUDA, where it measured 4x faster than plain causal SDPA on 8K-token rows).
+flex_attention has no CPU backward, so CPU training uses SDPA with the same mask made dense.
+Batches that carry no boundaries (generation, unpacked training) go to SDPA unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+DOCUMENT_FLEX = "document_flex"
+# Attention implementations that keep packed examples apart.
+PACKING_SAFE = {DOCUMENT_FLEX, "flash_attention_2", "flash_attention_3", "kernels-community/flash-attn"}
+
+_compiled_flex = None
+_mask_cache: tuple | None = None  # (cu_seq_lens tensor, (sliding_window, dense), mask)
+
+
+def _flex():
+    global _compiled_flex
+    if _compiled_flex is None:
+        # Uncompiled flex_attention materializes scores (fine on a CPU test model, slow at 7B).
+        _compiled_flex = torch.compile(flex_attention, dynamic=True) if torch.cuda.is_available() else flex_attention
+    return _compiled_flex
+
+
+def document_mask(cu_seq_lens: torch.Tensor, total_length: int, sliding_window: int | None, dense: bool):
+    """Causal within each [cu[i], cu[i+1]) span, nothing across spans: a flex BlockMask, or a
+    dense boolean [1, 1, T, T] mask. Made once per batch and reused by every layer (and by the
+    gradient-checkpointing recomputation) of the same forward pass."""
+    global _mask_cache
+    key = (sliding_window, dense)
+    if _mask_cache is not None and _mask_cache[0] is cu_seq_lens and _mask_cache[1] == key:
+        return _mask_cache[2]
+    device = cu_seq_lens.device
+    positions = torch.arange(total_length, device=device)
+    document = torch.searchsorted(cu_seq_lens[1:], positions, right=True)
+
+    def causal_same_document(batch, head, q, kv):
+        allowed = (document[q] == document[kv]) & (q >= kv)
+        if sliding_window is not None:
+            allowed = allowed & (q - kv < sliding_window)
+        return allowed
+
+    if dense:
+        mask = causal_same_document(None, None, positions[:, None], positions[None, :])[None, None]
+    else:
+        mask = create_block_mask(causal_same_document, None, None, total_length, total_length, device=device)
+    _mask_cache = (cu_seq_lens, key, mask)
+    return mask
+
+
+def document_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    cu_seq_lens = cu_seq_lens.to(query.device)
+    if not query.is_cuda and query.requires_grad:
+        mask = document_mask(cu_seq_lens, query.shape[2], kwargs.get("sliding_window"), dense=True)
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    block_mask = document_mask(cu_seq_lens, query.shape[2], kwargs.get("sliding_window"), dense=False)
+    output = _flex()(
+        query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _mask_unless_packed(*args, attention_mask=None, **kwargs):
+    # Packed batches carry no 2D mask: their structure is in cu_seq_lens, read by the attention
+    # itself, so building an O(tokens^2) dense mask here would be wasted work.
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+AttentionInterface.register(DOCUMENT_FLEX, document_flex_attention)
+AttentionMaskInterface.register(DOCUMENT_FLEX, _mask_unless_packed)
+
+
+def resolve_attention(requested: str | None, packing: bool) -> str:
+    """'auto' picks flash-attn's varlen kernel when installed on a GPU, else document_flex.
+    Packing with an attention that would let packed examples see each other is refused."""
+    if requested in (None, "auto"):
+        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+            return "flash_attention_2"
+        return DOCUMENT_FLEX if packing else "sdpa"
+    if packing and requested not in PACKING_SAFE:
+        raise ValueError(
+            f"attn_implementation={requested!r} lets packed examples attend to each other; with packing use "
+            f"'auto', '{DOCUMENT_FLEX}' or 'flash_attention_2' (flash-attn installed)"
+        )
+    return requested

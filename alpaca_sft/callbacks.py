@@ -1,0 +1,111 @@
+"""Trainer callbacks: progress with throughput, a stop on SIGTERM/Ctrl-C that keeps a resumable
+checkpoint, and a stop on a non-finite loss before it can overwrite a good checkpoint."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+
+def _any_process(flag: bool) -> bool:
+    """True if flag is set on any process, so that all processes stop at the same step."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class ProgressCallback(TrainerCallback):
+    """One line per log: step, loss, tokens/s (all processes, pads of packed rows included), time left."""
+
+    def __init__(self):
+        self.start = self.last_time = None
+        self.last_tokens = 0.0
+        self.rates: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_time = time.perf_counter()
+        self.start_step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        now = time.perf_counter()
+        tokens = float(logs.get("num_tokens", 0.0))
+        rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9) if self.last_tokens else None
+        self.last_time, self.last_tokens = now, tokens
+        if rate:
+            self.rates.append(rate)
+        done = state.global_step - self.start_step
+        left = (now - self.start) / done * (state.max_steps - state.global_step) if done else 0.0
+        print(
+            f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
+            + (f"{rate:,.0f} tokens/s | " if rate else "")
+            + f"elapsed {_duration(now - self.start)} | left {_duration(left)}",
+            flush=True,
+        )
+
+
+class GracefulStopCallback(TrainerCallback):
+    """SIGTERM or Ctrl-C: finish the current step, save a resumable checkpoint, stop.
+    A second Ctrl-C falls back to the default (immediate) interrupt."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.stopped_at: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _any_process(self.received is not None):
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class NonFiniteGuardCallback(TrainerCallback):
+    """Stops at the first step whose update made a trainable weight NaN/inf, before that step's
+    checkpoint is written, so the last checkpoint on disk is a good one. Checks only the trainable
+    (LoRA) weights: a few million values, one device sync per step."""
+
+    def __init__(self):
+        self.tripped_at: int | None = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        finite = bool(torch.stack([p.detach().isfinite().all() for p in trainable]).all()) if trainable else True
+        if _any_process(not finite):
+            self.tripped_at = state.global_step
+            control.should_save = False
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss) and self.tripped_at is None:
+            self.tripped_at = state.global_step
+            control.should_save = False
+            control.should_training_stop = True
