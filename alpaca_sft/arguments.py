@@ -46,6 +46,14 @@ class ScriptArguments:
 def check_settings(script_args: ScriptArguments, training_args, model_args) -> None:
     """Fail fast, before any download or weight load, on settings that cannot work."""
     problems = []
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        # The field is a path; "true" means the newest checkpoint-* in output_dir.
+        training_args.resume_from_checkpoint = resume = True if resume.lower() == "true" else None
+    if resume is True and not any(Path(training_args.output_dir).glob("checkpoint-*")):
+        problems.append(f"resume_from_checkpoint: no checkpoint-* in {training_args.output_dir} to resume from")
+    elif isinstance(resume, str) and not Path(resume).is_dir():
+        problems.append(f"resume_from_checkpoint={resume}: no such checkpoint folder")
     if not model_args.model_name_or_path:
         problems.append("model_name_or_path is not set: give a Hub id or a local model folder")
     if training_args.max_length is not None and training_args.max_length <= 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from accelerate import PartialState
@@ -23,7 +25,10 @@ def load_tokenizer(model_args):
 def _one_replica_per_process() -> dict | None:
     # A quantized model is placed at load time. device_map="auto" would spread one replica over all
     # GPUs, which under DDP silently turns data parallelism into model parallelism (trl#921).
-    return {"": PartialState().local_process_index} if torch.cuda.is_available() else None
+    # Under FSDP the shards are placed by FSDP itself.
+    if not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return None
+    return {"": PartialState().local_process_index}
 
 
 def load_model(model_args, tokenizer, attn_implementation: str | None = None):

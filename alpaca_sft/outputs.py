@@ -54,6 +54,7 @@ def run_summary(trainer, progress, data_report, started: float, attn_implementat
         "epoch": trainer.state.epoch,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
+        "mean_loss": final.get("train_loss"),
         "tokens_seen": tokens_seen,
         "tokens_per_second": {
             "mean_over_run": (tokens_seen / final["train_runtime"]) if tokens_seen and final.get("train_runtime") else None,

@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,11 +10,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # train_sft.py and eval_compare.py are scripts, imported by the tests
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    from alpaca_sft.tiny_model import write_mistral_tokenizer
+    from alpaca_sft.random_model import write_mistral_tokenizer
 
     return write_mistral_tokenizer(tmp_path_factory.mktemp("mistral-tokenizer"))
 
@@ -36,9 +38,9 @@ def sentencepiece_oracle(tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from alpaca_sft.tiny_model import build_tiny_mistral
+    from alpaca_sft.random_model import build_random_mistral
 
-    return build_tiny_mistral(tmp_path_factory.mktemp("tiny-mistral"))
+    return build_random_mistral(tmp_path_factory.mktemp("tiny-mistral"))
 
 
 def write_jsonl(path: Path, records) -> Path:

@@ -1,0 +1,72 @@
+"""Packed rows: the per-token loss of a packed batch equals that of its examples run one by one."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from alpaca_sft.attention import DOCUMENT_FLEX, resolve_attention
+
+
+def per_token_loss(logits, labels):
+    return torch.nn.functional.cross_entropy(
+        logits[:-1].float(), labels[1:], ignore_index=-100, reduction="none"
+    )
+
+
+@pytest.fixture(scope="module")
+def examples():
+    torch.manual_seed(0)
+    return [
+        {"input_ids": ids, "labels": [-100] * (len(ids) // 2) + ids[len(ids) // 2 :]}
+        for ids in (torch.randint(3, 32000, (n,)).tolist() for n in (17, 40, 5, 64, 33))
+    ]
+
+
+def load(model_dir, attn):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn, dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def test_packed_batch_loss_equals_one_by_one(tiny_model_dir, examples):
+    model = load(tiny_model_dir, DOCUMENT_FLEX).train()  # training mode + grads: the path training takes
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    assert batch["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+    packed = model(**batch)
+    packed.loss.backward()  # the backward pass runs through the document mask too
+    packed_losses = per_token_loss(packed.logits[0], batch["labels"][0])
+
+    one_by_one = []
+    for example in examples:
+        ids = torch.tensor([example["input_ids"]])
+        logits = model(input_ids=ids).logits[0]
+        # A packed row has no cross-boundary target: the next example's first token is masked.
+        one_by_one.append(per_token_loss(logits, torch.tensor(example["labels"])))
+        one_by_one.append(torch.zeros(1))
+    one_by_one = torch.cat(one_by_one)[:-1]
+
+    trained = batch["labels"][0][1:] != -100
+    assert trained.sum() > 50
+    torch.testing.assert_close(packed_losses[trained], one_by_one[trained], rtol=1e-4, atol=1e-4)
+
+    # The check has teeth: plain causal attention over the same row leaks across examples.
+    leaky_logits = load(tiny_model_dir, "sdpa")(input_ids=batch["input_ids"]).logits[0]
+    assert not torch.allclose(per_token_loss(leaky_logits, batch["labels"][0])[trained], one_by_one[trained], atol=1e-2)
+
+
+def test_flex_path_matches_one_by_one(tiny_model_dir, examples):
+    # Without grads the CPU takes the flex_attention path the GPU trains with (uncompiled here).
+    model = load(tiny_model_dir, DOCUMENT_FLEX).eval()
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    with torch.no_grad():
+        packed = model(**batch).logits[0]
+        separate = torch.cat([model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples])
+    torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-4)
+
+
+def test_packing_refuses_attention_that_leaks():
+    with pytest.raises(ValueError, match="attend to each other"):
+        resolve_attention("sdpa", packing=True)
+    assert resolve_attention("sdpa", packing=False) == "sdpa"
+    assert resolve_attention("auto", packing=True) == DOCUMENT_FLEX  # no flash-attn / no GPU here

@@ -1,0 +1,212 @@
+"""Training on a tiny Mistral (real tokenizer, CPU): what moves, what is learned, what survives a stop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, write_jsonl
+from safetensors.torch import load_file
+
+import train_sft
+from alpaca_sft.callbacks import GracefulStopCallback
+from alpaca_sft.template import render_prompt
+
+TINY = REPO / "recipes" / "tiny-cpu.yaml"
+THREE = [
+    {"instruction": "Translate the sentence into French.", "input": "The cat is sleeping on the sofa.",
+     "output": "Le chat dort sur le canapé."},
+    {"instruction": "Name the capital of Japan.", "input": "", "output": "Tokyo"},
+    {"instruction": "Write a SQL query that answers the question for the given table.",
+     "input": "How many employees are older than 40?\nCREATE TABLE employees (name VARCHAR, age INTEGER)",
+     "output": "SELECT COUNT(*) FROM employees WHERE age > 40"},
+]
+
+
+def parse(*overrides, config=TINY):
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    from alpaca_sft.arguments import ScriptArguments
+
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig))
+    return parser.parse_args_and_config(["--config", str(config), *map(str, overrides)])
+
+
+def train(model_dir, output_dir, *overrides):
+    return train_sft.main(*parse("--model_name_or_path", model_dir, "--output_dir", output_dir, *overrides))
+
+
+def greedy(model, tokenizer, prompt, max_new_tokens=30):
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_lora_weights_move_and_base_weights_do_not(tiny_model_dir, tmp_path):
+    trainer = train(tiny_model_dir, tmp_path / "run", "--max_steps", 5, "--learning_rate", 1e-2)
+    original = load_file(tiny_model_dir / "model.safetensors")
+    lora_b, base = {}, {}
+    for name, param in trainer.model.named_parameters():
+        if "lora_B" in name:
+            lora_b[name] = param
+        elif "lora_" not in name:
+            base[name.replace("base_model.model.", "").replace(".base_layer", "")] = param
+    # all-linear: q,k,v,o,gate,up,down in each of the 2 layers
+    assert len(lora_b) == 2 * 7
+    for name, param in lora_b.items():  # lora_B starts at zero: non-zero means it was trained
+        assert param.abs().sum() > 0, name
+    assert set(base) == set(original)
+    for name, param in base.items():
+        assert not param.requires_grad, name
+        torch.testing.assert_close(param.detach(), original[name], rtol=0, atol=0, msg=name)
+    adapter = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in key for key in adapter)
+
+
+def test_tuned_tiny_model_answers_and_stops_where_untuned_runs_on(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_jsonl(tmp_path / "three.jsonl", THREE)
+    train(tiny_model_dir, tmp_path / "run", "--dataset_name", data, "--max_steps", 60, "--learning_rate", 1e-2)
+
+    out = tmp_path / "run"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    eos = tokenizer.eos_token_id
+    prompts = [render_prompt(r["instruction"], r["input"]) for r in THREE]
+
+    untuned = [greedy(base, tokenizer, p) for p in prompts]
+    tuned_model = PeftModel.from_pretrained(base, out)
+    tuned = [greedy(tuned_model, tokenizer, p) for p in prompts]
+    for record, before, after in zip(THREE, untuned, tuned):
+        assert len(before) == 30 and eos not in before  # runs to the token limit
+        assert after[-1] == eos and after.count(eos) == 1  # stops by itself...
+        assert tokenizer.decode(after[:-1]) == record["output"]  # ...right after the response
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == eos
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
+    steps = ["--max_steps", 6, "--save_strategy", "steps", "--save_steps", 100, "--logging_steps", 1]
+    train(tiny_model_dir, tmp_path / "straight", *steps)
+
+    original = GracefulStopCallback.on_step_end
+
+    def sigterm_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(GracefulStopCallback, "on_step_end", sigterm_at_step_3)
+    with pytest.raises(SystemExit) as stopped:
+        train(tiny_model_dir, tmp_path / "split", *steps)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert (tmp_path / "split" / "checkpoint-3" / "adapter_model.safetensors").exists()
+    summary = json.loads((tmp_path / "split" / "run_summary.json").read_text())
+    assert summary["status"] == "stopped: SIGTERM at step 3" and summary["global_step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is not GracefulStopCallback._handle  # handlers restored
+
+    monkeypatch.setattr(GracefulStopCallback, "on_step_end", original)
+    train(tiny_model_dir, tmp_path / "split", *steps, "--resume_from_checkpoint", "true")
+
+    straight = json.loads((tmp_path / "straight" / "run_summary.json").read_text())
+    resumed = json.loads((tmp_path / "split" / "run_summary.json").read_text())
+    assert resumed["status"] == "completed" and resumed["global_step"] == 6
+    assert resumed["last_loss"] == pytest.approx(straight["last_loss"], rel=1e-5)
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "split" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
+    # A learning rate of 1e30 makes the LoRA weights overflow within a few steps.
+    out = tmp_path / "run"
+    with pytest.raises(train_sft.TrainingStopped, match="became NaN/inf at step") as err:
+        train(tiny_model_dir, out, "--max_steps", 20, "--learning_rate", 1e30, "--max_grad_norm", 0,
+              "--save_strategy", "steps", "--save_steps", 1)
+    tripped = json.loads((out / "run_summary.json").read_text())["global_step"]
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert checkpoints and checkpoints[-1] == tripped - 1  # nothing saved at or after the bad step
+    assert f"checkpoint-{tripped - 1}" in str(err.value)
+    weights = load_file(out / f"checkpoint-{tripped - 1}" / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (out / "adapter_model.safetensors").exists()  # no final adapter from a broken run
+
+
+def test_output_dir_holding_a_run_is_refused(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_model_dir, out, "--max_steps", 1)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train_sft.py"), "--config", str(TINY),
+         "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "already holds a run" in result.stderr and "--resume_from_checkpoint" in result.stderr
+
+
+def test_run_outputs_reload_without_guesswork(tiny_model_dir, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "run"
+    train(tiny_model_dir, out, "--max_steps", 2, "--logging_steps", 1, "--hub_token", "hf_secret_value")
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["data"]["rows_kept"] == 24 and summary["data"]["trained_tokens"] == 314
+    assert summary["first_loss"] > 0 and summary["tokens_seen"] > 0 and summary["wall_time_s"] > 0
+    assert summary["attn_implementation"] == "document_flex"
+    assert summary["versions"]["transformers"] and summary["versions"]["trl"]
+    config_text = (out / "train_config.yaml").read_text()
+    assert "hf_secret_value" not in config_text
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"hf_secret_value" not in path.read_bytes(), path
+    # The resolved config is itself a recipe.
+    script_args, training_args, model_args = parse(config=out / "train_config.yaml")
+    assert model_args.lora_r == 16 and training_args.max_steps == 2 and training_args.packing
+    model = AutoPeftModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token == "<unk>" and model.peft_config["default"].r == 16
+    assert not list(out.glob("*.bin")) or [p.name for p in out.glob("*.bin")] == ["training_args.bin"]
+
+
+def test_qlora_trains_on_cpu(tiny_model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    trainer = train(tiny_model_dir, tmp_path / "run", "--load_in_4bit", "true", "--use_cpu", "true",
+                    "--max_steps", 3, "--logging_steps", 1, "--learning_rate", 1e-2, "--dtype", "bfloat16")
+    linear = trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(linear).__name__ == "Linear4bit"
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    adapter = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert any(key.endswith("lora_B.weight") and w.abs().sum() > 0 for key, w in adapter.items())
+
+
+def test_two_processes_match_one_at_the_same_global_batch(tiny_model_dir, tmp_path):
+    common = ["--config", TINY, "--model_name_or_path", tiny_model_dir, "--max_steps", 3, "--logging_steps", 1,
+              "--use_cpu", "true"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    two = subprocess.run(
+        list(map(str, [*launch, "--config_file", REPO / "accelerate_configs/cpu_2proc.yaml", REPO / "train_sft.py", *common,
+         "--per_device_train_batch_size", 1, "--output_dir", tmp_path / "two"])),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        list(map(str, [sys.executable, REPO / "train_sft.py", *common, "--per_device_train_batch_size", 2,
+                       "--output_dir", tmp_path / "one"])),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two_summary = json.loads((tmp_path / "two" / "run_summary.json").read_text())
+    one_summary = json.loads((tmp_path / "one" / "run_summary.json").read_text())
+    assert two_summary["world_size"] == 2 and one_summary["world_size"] == 1
+    assert two_summary["tokens_seen"] == one_summary["tokens_seen"]
+    assert two_summary["first_loss"] == pytest.approx(one_summary["first_loss"], rel=1e-5)
+    assert two_summary["last_loss"] == pytest.approx(one_summary["last_loss"], rel=1e-5)
