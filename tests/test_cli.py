@@ -105,3 +105,21 @@ def test_unknown_recipe_key_is_rejected(tmp_path):
     result = run_train("--config", recipe)
     assert result.returncode != 0
     assert "lora_rnak" in result.stderr
+
+
+ACCELERATE_CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[p.name for p in ACCELERATE_CONFIGS])
+def test_every_accelerate_config_loads(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1 and config.distributed_type
+    if config.distributed_type == "FSDP":
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "MistralDecoderLayer"
+
+
+def test_accelerate_configs_cover_the_launch_modes():
+    names = {p.stem for p in ACCELERATE_CONFIGS}
+    assert names >= {"single_gpu", "multi_gpu", "fsdp", "fsdp_qlora", "deepspeed_zero3", "multi_node", "cpu_2proc"}

@@ -87,7 +87,8 @@ def test_tuned_tiny_model_answers_and_stops_where_untuned_runs_on(tiny_model_dir
         assert len(before) == 30 and eos not in before  # runs to the token limit
         assert after[-1] == eos and after.count(eos) == 1  # stops by itself...
         assert tokenizer.decode(after[:-1]) == record["output"]  # ...right after the response
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == eos
+    saved_eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert saved_eos in (eos, [eos])  # transformers 5.17 writes a list
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
