@@ -2,10 +2,12 @@
 # Start the Mistral-7B recipes on the GPU machine, with random weights of the full Mistral-7B-v0.1
 # shape (the Hub is out of reach) and the synthetic Alpaca workload, for a few steps each.
 #   bash bench/device_smoke.sh [steps]        (run from the repository root; writes to $OUT)
+# The model is built in /tmp/smoke/mistral-7b unless already there (building needs mistral-common,
+# which on an image without pydantic must be off the path when transformers 5.17 loads tokenizers).
 set -uo pipefail
 steps=${1:-20}
 out=${OUT:-/tmp/out}; work=/tmp/smoke; mkdir -p "$out" "$work"
-python -m alpaca_sft.random_model "$work/mistral-7b" --size 7b > /dev/null
+[ -d "$work/mistral-7b" ] || python -m alpaca_sft.random_model "$work/mistral-7b" --size 7b > /dev/null
 python bench/workload.py "$work/alpaca.jsonl" --model "$work/mistral-7b" > /dev/null
 run() {  # name, recipe, extra flags...
   local name=$1 recipe=$2; shift 2
