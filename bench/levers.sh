@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Speed levers on the LoRA recipe, one at a time, same random 7B and workload as device_smoke.sh
+# (which must have built /tmp/smoke first).   bash bench/levers.sh [steps]
+set -uo pipefail
+steps=${1:-30}
+out=${OUT:-/tmp/out}; work=/tmp/smoke; mkdir -p "$out"
+run() {  # name, extra flags...
+  local name=$1; shift
+  timeout 400 python train_sft.py --config recipes/mistral-7b-lora.yaml --model_name_or_path "$work/mistral-7b" \
+    --dataset_name "$work/alpaca.jsonl" --output_dir "$work/$name" --overwrite_output_dir true \
+    --max_steps "$steps" --logging_steps 5 --save_strategy no --packing true --attn_implementation auto "$@" \
+    > "$work/$name.log" 2>&1 || { echo "$name failed:"; tail -8 "$work/$name.log"; }
+  cp "$work/$name/run_summary.json" "$out/$name.json" 2>/dev/null
+}
+run ckpt-b4 --per_device_train_batch_size 4
+run ckpt-liger-b4 --per_device_train_batch_size 4 --use_liger_kernel true
+run nockpt-b2 --per_device_train_batch_size 2 --gradient_checkpointing false
+run nockpt-liger-b2 --per_device_train_batch_size 2 --gradient_checkpointing false --use_liger_kernel true
+python bench/summarize.py "$out"/*.json
