@@ -1,6 +1,101 @@
-"""Compare greedy generations of a base model and its tuned adapter (not built yet: issue 4)."""
+"""Compare a base model with its tuned version on the same prompts, greedy; merge and push.
 
+    python eval_compare.py --base mistralai/Mistral-7B-v0.1 --tuned runs/mistral-7b-lora
+    python eval_compare.py --base mistralai/Mistral-7B-v0.1 --tuned runs/mistral-7b-lora --push_to_hub me/mistral-7b-alpaca
+
+--tuned is the output_dir of train_sft.py (a LoRA or QLoRA adapter, merged here into a
+full-precision load of the base and saved to <output_dir>/merged) or an already merged model.
+Writes comparison.md and comparison.json to --output_dir and prints both models side by side.
+"""
+
+import argparse
 import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from alpaca_sft.evaluation import PromptFileError, generate, read_prompts, score, side_by_side, summary_table, write_report
+from alpaca_sft.hub import PushError, model_card, push
+from alpaca_sft.merge import PairError, inspect_pair, logits_on, merge, quantized_gap, save_merged
+from alpaca_sft.modeling import load_tokenizer
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="base model: Hub id or local folder")
+    parser.add_argument("--tuned", required=True, help="adapter folder (train_sft.py output_dir) or merged model folder")
+    parser.add_argument("--prompts", default="data/eval_prompts.jsonl", help="JSONL: instruction/input or prompt, optional reference and schema")
+    parser.add_argument("--output_dir", default=None, help="default: <tuned>/comparison")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the merged model, tokenizer and card")
+    parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens <= 0 or args.batch_size <= 0:
+        parser.error("--max_new_tokens and --batch_size must be positive")
+    return args
+
+
+def load(name_or_path: str, dtype: torch.dtype, device: str):
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
+
+
+def main(args) -> dict:
+    # Everything that can be wrong with the inputs is found before any large weights load.
+    prompts = read_prompts(args.prompts)
+    tuned = inspect_pair(args.base, args.tuned)
+    output_dir = Path(args.output_dir or Path(args.tuned) / "comparison")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
+    has_tokenizer = (tuned.path / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(tuned.path) if has_tokenizer else args.base)
+    meta = {"base": args.base, "tuned": str(tuned.path), "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
+            "dtype": str(dtype).removeprefix("torch."), "device": device}
+
+    print(f"base model {args.base}: generating for {len(prompts)} prompts")
+    model = load(args.base, dtype, device)
+    generations = {"base": generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)}
+
+    merged_dir = tuned.path
+    if tuned.is_adapter:
+        probes = [p.prompt for p in prompts[:4]]
+        started = time.perf_counter()
+        model, gap = merge(model, tuned.path, tokenizer, probes)
+        meta["merge_max_abs_logit_diff"] = gap
+        merged_dir = save_merged(model, tokenizer, output_dir / "merged")
+        meta["merged_to"] = str(merged_dir)
+        meta["merge_and_save_seconds"] = round(time.perf_counter() - started, 1)
+        print(f"merged into a {meta['dtype']} base: max |logit(base+adapter) - logit(merged)| = {gap:.2e}; saved to {merged_dir}")
+        if tuned.trained_in_4bit:
+            meta["qlora_gap"] = quantized_gap(args.base, tuned.path, tokenizer, probes, logits_on(model, tokenizer, probes))
+            print(f"QLoRA: 4-bit base + adapter vs merged {meta['dtype']} model: {meta['qlora_gap']}")
+    else:
+        model = load(str(tuned.path), dtype, device)
+    generations["tuned"] = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+
+    scores = {name: score(prompts, gens) for name, gens in generations.items()}
+    print(side_by_side(prompts, generations))
+    print()
+    print(summary_table(scores))
+    write_report(output_dir, prompts, generations, scores, meta)
+    print(f"\nwrote {output_dir / 'comparison.md'} and {output_dir / 'comparison.json'}")
+
+    if tuned.is_adapter:  # the merged folder is complete, card included, whether pushed now or later
+        (merged_dir / "README.md").write_text(model_card(args.base, tuned.path, scores))
+    if args.push_to_hub:
+        if not (merged_dir / "README.md").exists():
+            (merged_dir / "README.md").write_text(model_card(args.base, None, scores))
+        print(f"pushed: {push(merged_dir, args.push_to_hub, args.private)}")
+    return scores
+
 
 if __name__ == "__main__":
-    sys.exit("eval_compare.py is not built yet: it merges an adapter and compares generations (see the issues).")
+    try:
+        main(parse_args())
+    except (PromptFileError, PairError, PushError) as err:
+        sys.exit(f"error: {err}")

@@ -50,7 +50,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     ################
     # Data: validated and tokenized before any weights load
     ################
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
     with state.main_process_first():
         dataset, report = build_dataset(
             script_args.dataset_name,

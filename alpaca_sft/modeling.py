@@ -10,8 +10,8 @@ from accelerate import PartialState
 from trl import get_quantization_config
 
 
-def load_tokenizer(model_args):
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+def load_tokenizer(name_or_path: str, revision: str | None = None):
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     # Mistral ships no pad token. Padding with EOS is the classic bug: masked pads then mask the
     # one EOS that should be learned, and the model never stops (trl#1623). <unk> is never
     # produced by the byte-fallback tokenizer, so it is a safe pad.

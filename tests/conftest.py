@@ -23,9 +23,8 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
     from alpaca_sft.modeling import load_tokenizer
-    from trl import ModelConfig
 
-    return load_tokenizer(ModelConfig(model_name_or_path=str(tokenizer_dir)))
+    return load_tokenizer(str(tokenizer_dir))
 
 
 @pytest.fixture(scope="session")
