@@ -40,7 +40,8 @@ class Generation:
 
 def read_prompts(path: str | Path) -> list[EvalPrompt]:
     """Rows with `instruction` (and optional `input`) are rendered with the training template; rows
-    with `prompt` are used as they are. Optional: `id`, `reference`, `schema` (makes it a SQL row)."""
+    with `prompt` are used as they are. Optional: `id`, `reference` (an Alpaca row's `output` serves
+    as one, so a training file can be evaluated as it is), `schema` (makes it a SQL row)."""
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file {path} does not exist")
@@ -63,11 +64,12 @@ def read_prompts(path: str | Path) -> list[EvalPrompt]:
         else:
             problems.append(f"line {line_number}: needs a non-empty `prompt` or `instruction`")
             continue
-        for key in ("reference", "schema", "input"):
+        reference = row.get("reference", row.get("output"))
+        for key in ("reference", "output", "schema", "input"):
             if row.get(key) is not None and not isinstance(row[key], str):
                 problems.append(f"line {line_number}: `{key}` must be a string")
         prompts.append(
-            EvalPrompt(str(row.get("id", f"line-{line_number}")), text, row.get("reference"), row.get("schema"))
+            EvalPrompt(str(row.get("id", f"line-{line_number}")), text, reference, row.get("schema"))
         )
     if problems:
         raise PromptFileError(f"{path}:\n" + "\n".join(f"  {p}" for p in problems))

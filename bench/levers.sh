@@ -19,6 +19,9 @@ if [ "$set" = first ]; then
   run ckpt-liger-b4 --per_device_train_batch_size 4 --use_liger_kernel true
   run nockpt-b2 --per_device_train_batch_size 2 --gradient_checkpointing false
   run nockpt-liger-b2 --per_device_train_batch_size 2 --gradient_checkpointing false --use_liger_kernel true
+elif [ "$set" = third ]; then  # bigger micro-batches, dropout off
+  run nockpt-liger-b4-drop0 --per_device_train_batch_size 4 --gradient_checkpointing false --use_liger_kernel true --lora_dropout 0
+  run nockpt-liger-b5-drop0 --per_device_train_batch_size 5 --gradient_checkpointing false --use_liger_kernel true --lora_dropout 0
 else  # second set: LoRA dropout off (no dropped copy of every adapted input), bigger micro-batch
   run nockpt-liger-b2-again --per_device_train_batch_size 2 --gradient_checkpointing false --use_liger_kernel true
   run nockpt-liger-b2-drop0 --per_device_train_batch_size 2 --gradient_checkpointing false --use_liger_kernel true --lora_dropout 0
