@@ -1,0 +1,71 @@
+"""The baseline a user would reach for instead: TRL's SFTTrainer with its default SFTConfig (batch 8,
+no packing, max_length 1024, gradient checkpointing) and PEFT LoRA r=16 on all linear layers, on
+the same model and Alpaca-format data. Writes a run_summary-like JSON for bench/summarize.py.
+
+    python bench/trl_defaults.py --model /tmp/smoke/mistral-7b --data /tmp/smoke/alpaca.jsonl --steps 30 --out trl.json
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from alpaca_sft.template import render_prompt
+
+
+class Throughput(TrainerCallback):
+    """Tokens/s between the last two logs: the steady state, compile and warm-up excluded."""
+
+    def __init__(self):
+        self.points = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "num_tokens" in logs:
+            self.points.append((time.perf_counter(), float(logs["num_tokens"]), logs.get("loss")))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True, help="Alpaca JSONL (instruction/input/output)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    records = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
+    dataset = Dataset.from_list(
+        [{"prompt": render_prompt(r["instruction"], r.get("input", "")), "completion": r["output"]} for r in records]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    gpu = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if gpu else torch.float32)
+    config = SFTConfig(output_dir=str(args.out.with_suffix("")), max_steps=args.steps, logging_steps=max(1, args.steps // 6),
+                       save_strategy="no", report_to="none", bf16=gpu, use_cpu=not gpu)  # everything else: defaults
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    meter = Throughput()
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lora, callbacks=[meter])
+    started = time.time()
+    trainer.train()
+    (t0, n0, _), (t1, n1, last_loss) = meter.points[-2], meter.points[-1]
+    summary = {
+        "status": "completed", "global_step": trainer.state.global_step, "first_loss": meter.points[0][2],
+        "last_loss": last_loss, "tokens_per_second": {"last_logged": (n1 - n0) / (t1 - t0), "mean_over_run": None},
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+        "attn_implementation": model.config._attn_implementation, "wall_time_s": time.time() - started,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "settings": {"per_device_train_batch_size": config.per_device_train_batch_size,
+                     "max_length": config.max_length, "packing": config.packing},
+    }
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
