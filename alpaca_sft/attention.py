@@ -36,6 +36,7 @@ def _flex():
     return _compiled_flex
 
 
+@torch.compiler.disable  # under torch.compile a graph break: the cache lives outside the traced graph
 def document_mask(cu_seq_lens: torch.Tensor, total_length: int, sliding_window: int | None, dense: bool):
     """Causal within each [cu[i], cu[i+1]) span, nothing across spans: a flex BlockMask, or a
     dense boolean [1, 1, T, T] mask. Made once per batch and reused by every layer (and by the

@@ -211,3 +211,45 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_model_dir, tmp_pa
     assert two_summary["tokens_seen"] == one_summary["tokens_seen"]
     assert two_summary["first_loss"] == pytest.approx(one_summary["first_loss"], rel=1e-5)
     assert two_summary["last_loss"] == pytest.approx(one_summary["last_loss"], rel=1e-5)
+
+
+def test_adapter_inputs_kept_in_bf16_give_the_same_gradients_and_save_less(tiny_model_dir):
+    """train_sft.py turns off PEFT's upcast of each adapted layer's input to the fp32 LoRA weights:
+    under bf16 autocast the matmul is bf16 either way, so the loss and the LoRA gradients must be
+    bit-identical, while backward keeps fewer bytes (no bf16 re-cast copies of the adapted inputs;
+    on the 7B shape at 6 rows per step that is the difference between 66 GiB and out of memory)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.helpers import disable_input_dtype_casting
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)  # PEFT's fp32 adapters
+    input_ids = torch.randint(3, 32000, (2, 48))
+
+    def run(keep_bf16: bool):
+        model.zero_grad(set_to_none=True)
+        saved = {}  # storage -> bytes: a tensor saved by several ops is kept once
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with disable_input_dtype_casting(model, active=keep_bf16), torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, sum(saved.values())
+
+    loss_upcast, grads_upcast, saved_upcast = run(keep_bf16=False)
+    loss_bf16, grads_bf16, saved_bf16 = run(keep_bf16=True)
+    assert torch.equal(loss_upcast, loss_bf16)
+    assert grads_upcast.keys() == grads_bf16.keys() and len(grads_bf16) == 2 * 2 * 7  # A and B, 7 modules, 2 layers
+    for name in grads_bf16:
+        assert torch.equal(grads_upcast[name], grads_bf16[name]), name
+    # at least one bf16 copy of an adapted input (tokens x hidden) per layer is no longer kept
+    one_copy = input_ids.numel() * base.config.hidden_size * 2
+    assert saved_upcast - saved_bf16 >= base.config.num_hidden_layers * one_copy
