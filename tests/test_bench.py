@@ -35,3 +35,21 @@ def test_workload_has_the_specified_shape(tmp_path, tokenizer):
     assert all(1 <= tokens(r["output"]) <= 1000 for r in sample)
     # one word, one token: the lengths drawn are the lengths trained
     assert all(tokens(r["instruction"]) == len(r["instruction"].split()) for r in sample)
+
+
+def test_step_breakdown_times_each_lever_on_the_same_micro_batches(tiny_model_dir, tmp_path):
+    import subprocess
+
+    out = tmp_path / "breakdown.json"
+    subprocess.run(
+        [sys.executable, "bench/step_breakdown.py", "--model", str(tiny_model_dir), "--data", "data/alpaca_sample.jsonl",
+         "--config", "recipes/tiny-cpu.yaml", "--rows", "24", "--steps", "1", "--out", str(out),
+         "--variants", "recipe", "rows-4", "bf16-adapters", "no-adapters"],
+        cwd=REPO, check=True, capture_output=True,
+    )
+    variants = json.loads(out.read_text())["variants"]
+    assert list(variants) == ["recipe", "rows-4", "bf16-adapters", "no-adapters"]
+    assert variants["recipe"]["rows"] == 2 and variants["rows-4"]["rows"] == 4  # tiny-cpu.yaml packs 2 rows per step
+    assert variants["bf16-adapters"]["tokens"] == variants["no-adapters"]["tokens"] == variants["recipe"]["tokens"]
+    assert variants["rows-4"]["tokens"] > variants["recipe"]["tokens"] > 0
+    assert all(v["tokens_per_second"] > 0 for v in variants.values())
