@@ -4,7 +4,7 @@ one run. Prints and writes a table: tokens/s, MFU, peak GiB, minutes per epoch.
 
     python -m alpaca_sft.random_model /tmp/smoke/mistral-7b --size 7b
     python bench/workload.py /tmp/smoke/alpaca.jsonl --model /tmp/smoke/mistral-7b
-    python bench/speed.py --model /tmp/smoke/mistral-7b --data /tmp/smoke/alpaca.jsonl --steps 30 --out bench/results/speed.md
+    python bench/speed.py --model /tmp/smoke/mistral-7b --data /tmp/smoke/alpaca.jsonl --rows 8000 --out bench/results/speed.md
 
 MFU counts the matmul FLOPs of LoRA on a frozen base: per token 2N forward + 2N for the input
 gradients (+2N when checkpointing recomputes the forward), N = the model's linear-layer weights,
@@ -16,17 +16,19 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sft package, when run from a checkout
 
 import torch
 import yaml
 
-CONFIGS = {  # name: (recipe, flags on top of it)
+CONFIGS = {  # name: (recipe, flags on top of it); "trl-defaults" is bench/trl_defaults.py. Run in this order.
     "lora-recipe": ("recipes/mistral-7b-lora.yaml", []),
-    "lora-liger-b4": ("recipes/mistral-7b-lora.yaml",
-                      ["--use_liger_kernel", "true", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4"]),
+    "trl-defaults": (None, []),
     "qlora-recipe": ("recipes/mistral-7b-qlora.yaml", []),
-    "qlora-liger": ("recipes/mistral-7b-qlora.yaml", ["--use_liger_kernel", "true"]),
+    "qlora-24gb-recipe": ("recipes/mistral-7b-qlora-24gb.yaml", []),
 }
 
 
@@ -55,59 +57,90 @@ def linear_weights(model_dir: str) -> int:
 
 
 def run_config(name, recipe, flags, args, work: Path) -> dict:
-    cpu = [] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true"]
-    command = [sys.executable, "train_sft.py", "--config", recipe, "--model_name_or_path", args.model,
-               "--dataset_name", args.data, "--output_dir", str(work / name), "--overwrite_output_dir", "true",
-               "--max_steps", str(args.steps), "--logging_steps", str(max(1, args.steps // 6)), "--save_strategy", "no",
-               *cpu, *flags]
-    result = subprocess.run(command, capture_output=True, text=True)
+    if recipe is None:
+        command = [sys.executable, "bench/trl_defaults.py", "--model", args.model, "--data", args.data,
+                   "--steps", str(args.baseline_steps), "--rows", str(args.rows or 2000), "--out", str(work / f"{name}.json")]
+    else:
+        cpu = [] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false"]
+        rows = ["--max_train_rows", str(args.rows)] if args.rows else []
+        command = [sys.executable, "train_sft.py", "--config", recipe, "--model_name_or_path", args.model,
+                   "--dataset_name", args.data, "--output_dir", str(work / name), "--overwrite_output_dir", "true",
+                   "--max_steps", str(args.steps), "--logging_steps", str(max(1, args.steps // 4)),
+                   "--save_strategy", "no", *rows, *cpu, *flags]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timed out after {args.timeout} s"}
+    (work / f"{name}.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         return {"status": f"failed: {result.stderr.strip().splitlines()[-1][:120]}"}
+    if recipe is None:
+        return json.loads((work / f"{name}.json").read_text())
     summary = json.loads((work / name / "run_summary.json").read_text())
     summary["gradient_checkpointing"] = yaml.safe_load((work / name / "train_config.yaml").read_text())["gradient_checkpointing"]
     return summary
+
+
+def epoch_tokens(model: str, data: str) -> int:
+    """Every token of one epoch of the workload (template and EOS included), as training counts them."""
+    from alpaca_sft.data import build_dataset
+    from alpaca_sft.modeling import load_tokenizer
+
+    return build_dataset(data, load_tokenizer(model), max_length=2048)[1].total_tokens
+
+
+def table(runs: dict, args, tflops, weights: int, tokens: int) -> str:
+    base_rate = (runs.get("trl-defaults", {}).get("tokens_per_second") or {}).get("last_logged")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    lines = [f"{time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, bf16 matmul {tflops or 0:.0f} TFLOP/s, "
+             f"{weights / 1e9:.2f} B linear weights, {tokens:,} tokens per epoch, {args.steps} steps per run",
+             f"`python bench/speed.py --steps {args.steps}{f' --rows {args.rows}' if args.rows else ''} "
+             f"--baseline_steps {args.baseline_steps} --configs {' '.join(args.configs)}`", "",
+             "| run | tokens/s | x TRL defaults | MFU | peak GiB | min/epoch | start-up s | min/epoch with start-up |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, run in runs.items():
+        rate = (run.get("tokens_per_second") or {}).get("last_logged")
+        if not rate:
+            lines.append(f"| {name} | {run.get('status')} | | | | | | |")
+            continue
+        flops = (6 if run.get("gradient_checkpointing") else 4) * weights * rate / 1e12
+        mfu = f"{flops / tflops:.0%}" if tflops else "n/a"
+        ratio = f"{rate / base_rate:.1f}x" if base_rate else "n/a"
+        minutes = tokens / rate / 60
+        # Start-up: the run's wall time that its steady rate does not explain (loading, compiling, warm-up).
+        startup = run["wall_time_s"] - run["tokens_seen"] / rate
+        lines.append(f"| {name} | {rate:,.0f} | {ratio} | {mfu} | {run.get('peak_gpu_memory_gib') or 0:.1f} | "
+                     f"{minutes:.1f} | {startup:.0f} | {minutes + startup / 60:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run; the last quarter is measured")
+    parser.add_argument("--rows", type=int, help="train on the first ROWS records only (enough for --steps; faster start)")
+    parser.add_argument("--baseline_steps", type=int, default=30, help="steps of trl-defaults (8 short examples each)")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per run")
     parser.add_argument("--work", type=Path, default=Path("/tmp/speed"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/speed.md"))
     args = parser.parse_args()
 
     tflops = matmul_tflops()
     weights = linear_weights(args.model)
+    # Counting the whole epoch's tokens takes a CPU for ~20 s: done beside the first GPU run.
+    counting = ThreadPoolExecutor(1).submit(epoch_tokens, args.model, args.data)
     args.work.mkdir(parents=True, exist_ok=True)
-    runs = {name: run_config(name, *CONFIGS[name], args, args.work) for name in args.configs}
-    baseline_out = args.work / "trl-defaults.json"
-    subprocess.run([sys.executable, "bench/trl_defaults.py", "--model", args.model, "--data", args.data,
-                    "--steps", str(args.steps), "--out", str(baseline_out)], capture_output=True, text=True)
-    runs["trl-defaults"] = json.loads(baseline_out.read_text()) if baseline_out.exists() else {"status": "failed"}
-
-    tokens = next((r["data"]["total_tokens"] for r in runs.values() if "data" in r), None)
-    base_rate = (runs["trl-defaults"].get("tokens_per_second") or {}).get("last_logged")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    lines = [f"{time.strftime('%Y-%m-%d')}, {device}, bf16 matmul {tflops or 0:.0f} TFLOP/s, {weights / 1e9:.2f} B linear "
-             f"weights, {tokens or 0:,} tokens per epoch, {args.steps} steps per run",
-             f"`python bench/speed.py --steps {args.steps} --configs {' '.join(args.configs)}`", "",
-             "| run | tokens/s | x TRL defaults | MFU | peak GiB | min/epoch |", "|---|---:|---:|---:|---:|---:|"]
-    for name, run in runs.items():
-        rate = (run.get("tokens_per_second") or {}).get("last_logged")
-        if not rate:
-            lines.append(f"| {name} | {run.get('status')} | | | | |")
-            continue
-        flops = (6 if run.get("gradient_checkpointing") else 4) * weights * rate / 1e12
-        mfu = f"{flops / tflops:.0%}" if tflops else "n/a"
-        ratio = f"{rate / base_rate:.1f}x" if base_rate else "n/a"
-        minutes = f"{tokens / rate / 60:.1f}" if tokens else "n/a"
-        lines.append(f"| {name} | {rate:,.0f} | {ratio} | {mfu} | {run.get('peak_gpu_memory_gib') or 0:.1f} | {minutes} |")
-    table = "\n".join(lines)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
-    print(table)
+    runs = {}
+    for name in args.configs:  # the table is rewritten after every run: a cut-off call keeps what finished
+        started = time.time()
+        runs[name] = run_config(name, *CONFIGS[name], args, args.work)
+        (args.out.parent / f"{name}.json").write_text(json.dumps(runs[name], indent=2))
+        args.out.write_text(table(runs, args, tflops, weights, counting.result()))
+        print(f"{name}: {runs[name].get('status')} in {time.time() - started:.0f} s", flush=True)
+    print(args.out.read_text())
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ the same model and Alpaca-format data. Writes a run_summary-like JSON for bench/
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sft package, when run from a checkout
 
 import torch
 from datasets import Dataset
@@ -35,10 +38,12 @@ def main():
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True, help="Alpaca JSONL (instruction/input/output)")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rows", type=int, help="the first ROWS records only (TRL tokenizes every row before step 1)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    started = time.time()  # wall time from here, as train_sft.py counts it: loading and set-up included
 
-    records = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
+    records = [json.loads(line) for line in Path(args.data).read_text().splitlines()[: args.rows]]
     dataset = Dataset.from_list(
         [{"prompt": render_prompt(r["instruction"], r.get("input", "")), "completion": r["output"]} for r in records]
     )
@@ -51,13 +56,12 @@ def main():
     meter = Throughput()
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora, callbacks=[meter])
-    started = time.time()
     trainer.train()
     (t0, n0, _), (t1, n1, last_loss) = meter.points[-2], meter.points[-1]
     summary = {
         "status": "completed", "global_step": trainer.state.global_step, "first_loss": meter.points[0][2],
         "last_loss": last_loss, "tokens_per_second": {"last_logged": (n1 - n0) / (t1 - t0), "mean_over_run": None},
-        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+        "tokens_seen": n1, "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
         "attn_implementation": model.config._attn_implementation, "wall_time_s": time.time() - started,
         "gradient_checkpointing": config.gradient_checkpointing,
         "settings": {"per_device_train_batch_size": config.per_device_train_batch_size,
