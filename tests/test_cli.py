@@ -28,9 +28,9 @@ def test_every_recipe_parses_into_the_argument_dataclasses(recipe, tmp_path):
 
     import torch
 
-    # Without a GPU, TrainingArguments refuses bf16 and the checks refuse 4-bit unless use_cpu is
-    # explicit; everything else is checked as shipped.
-    cpu_only = [] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true"]
+    # Without a GPU, TrainingArguments refuses bf16, the checks refuse 4-bit unless use_cpu is explicit,
+    # and Liger's Triton kernels are not installed; everything else is checked as shipped.
+    cpu_only = [] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false"]
     script_args, training_args, model_args = TrlParser((ScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(
         ["--config", str(recipe), *cpu_only]
     )
@@ -43,6 +43,24 @@ def test_every_recipe_parses_into_the_argument_dataclasses(recipe, tmp_path):
     if training_args.gradient_checkpointing:
         assert training_args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     check_settings(script_args, training_args, model_args)
+
+
+def test_a_recipe_asking_for_liger_without_it_installed_fails_before_loading(monkeypatch, tmp_path):
+    import importlib.util
+
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    from alpaca_sft.arguments import ScriptArguments, SettingsError, check_settings
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a))
+    args = TrlParser((ScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(
+        ["--config", str(REPO / "recipes" / "mistral-7b-lora.yaml"), "--bf16", "false", "--use_cpu", "true",
+         "--output_dir", str(tmp_path / "out")]
+    )
+    assert args[1].use_liger_kernel  # the recipe asks for it
+    with pytest.raises(SettingsError, match="use_liger_kernel needs liger-kernel"):
+        check_settings(*args)
 
 
 def test_recipes_exist():
