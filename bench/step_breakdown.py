@@ -40,6 +40,7 @@ from alpaca_sft.arguments import ScriptArguments
 from alpaca_sft.attention import resolve_attention
 from alpaca_sft.data import build_dataset
 from alpaca_sft.modeling import load_model, load_tokenizer
+from speed import linear_weights, matmul_tflops  # bench/speed.py, beside this script
 
 VARIANTS = ("recipe", "peft-upcast", "rows-4", "checkpointing", "bf16-adapters", "no-adapters")
 GPU = torch.cuda.is_available()
@@ -166,15 +167,12 @@ def main():
     parser.add_argument("--rows", type=int, default=3000, help="records to tokenize and pack (enough for the batches)")
     parser.add_argument("--steps", type=int, default=4, help="timed micro-batches per variant, after 2 warm-up ones")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--linear_weights", type=float, help="N for MFU (bench/speed.py computes it); default: counted")
     parser.add_argument("--tflops", type=float, help="the card's bf16 matmul rate for MFU; default: measured")
     parser.add_argument("--work", type=Path, default=Path("/tmp/step_breakdown"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/breakdown.json"))
     args = parser.parse_args()
 
     if args.tflops is None:
-        from speed import matmul_tflops  # bench/speed.py, beside this script
-
         args.tflops = matmul_tflops()
     trainer = build_trainer(args)
     model = trainer.accelerator.prepare_model(trainer.model)  # bf16 autocast around forward, as in training
@@ -182,10 +180,7 @@ def main():
     autocast = trainer.args.bf16 or trainer.args.fp16
     recipe_rows = trainer.args.per_device_train_batch_size
     lora_rank = trainer.model.peft_config["default"].r
-    weights = args.linear_weights or sum(
-        m.in_features * m.out_features for n, m in trainer.model.named_modules()
-        if isinstance(m, torch.nn.Linear) and "lora_" not in n
-    )
+    weights = linear_weights(args.model)
 
     def step(batch):
         loss = trainer.compute_loss(model, batch)
