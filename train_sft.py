@@ -25,7 +25,8 @@ from alpaca_sft.attention import resolve_attention
 from alpaca_sft.callbacks import GracefulStopCallback, NonFiniteGuardCallback, ProgressCallback
 from alpaca_sft.data import DataError, build_dataset, preview
 from alpaca_sft.modeling import load_model, load_tokenizer
-from alpaca_sft.outputs import run_summary, save_resolved_config, write_json
+from alpaca_sft.outputs import (IncompleteAdapterError, peak_gpu_memory_per_process, run_summary, save_adapter,
+                                save_resolved_config, write_json)
 
 
 class TrainingStopped(RuntimeError):
@@ -104,17 +105,23 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     with disable_input_dtype_casting(trainer.model, active=autocast):
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    status = None
+    status, save_error = None, None
     if guard.tripped_at is not None:
         status = f"stopped: non-finite loss or weights at step {guard.tripped_at}"
     elif stop.stopped_at is not None:
         status = f"stopped: {signal.Signals(stop.received).name} at step {stop.stopped_at}"
-    if status is None:
-        trainer.save_model(str(output_dir))  # adapter (safetensors) + tokenizer
-        model.generation_config.save_pretrained(output_dir)
+    else:
+        try:
+            save_adapter(trainer.accelerator.unwrap_model(trainer.model), output_dir, tokenizer, state.is_main_process)
+        except IncompleteAdapterError as err:
+            status, save_error = f"failed: {err}", err
+    trainer.save_state()  # trainer_state.json: the whole log history, every logged loss with its step
+    peaks = peak_gpu_memory_per_process()
     if state.is_main_process:
-        write_json(output_dir / "run_summary.json", run_summary(trainer, progress, report, started, attn_implementation, status))
+        write_json(output_dir / "run_summary.json", run_summary(trainer, progress, report, started, attn_implementation, status, peaks))
     state.wait_for_everyone()
+    if save_error is not None:
+        raise TrainingStopped(f"{save_error}\nThe checkpoints in {output_dir} hold the training state; resume from the last one.")
 
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     last_good = checkpoints[-1] if checkpoints else None

@@ -4,6 +4,7 @@ checks that reject bad settings before any weights load."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from dataclasses import dataclass, field
@@ -76,6 +77,12 @@ def check_settings(script_args: ScriptArguments, training_args, model_args) -> N
         problems.append(
             "load_in_4bit without a CUDA GPU: bitsandbytes runs NF4 on the CPU ~100x slower; "
             "set use_cpu: true if that is really what you want"
+        )
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and model_args.load_in_4bit and model_args.bnb_4bit_quant_storage not in ("bfloat16", "float16", "float32"):
+        problems.append(
+            "FSDP with a 4-bit base: FSDP shards only floating-point tensors, so store the 4-bit weights in one: "
+            "add --bnb_4bit_quant_storage bfloat16"
         )
     if training_args.use_liger_kernel and not importlib.util.find_spec("liger_kernel"):
         problems.append("use_liger_kernel needs liger-kernel: pip install liger-kernel (or set it false)")
