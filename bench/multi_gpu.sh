@@ -11,7 +11,7 @@
 # Only mistral-common's tokenizer.model is unpacked (to /tmp/mc): the package itself needs pydantic,
 # which the GPU image lacks.
 set -uo pipefail
-out=${OUT:-/tmp/out}/multi_gpu; work=/tmp/mg; mkdir -p "$out" "$work"
+work=/tmp/mg; out=$work/results/multi_gpu; mkdir -p "$out" "${OUT:-/tmp/out}"
 gpus=$(nvidia-smi -L | wc -l)
 model=$work/mistral-7b; data=$work/alpaca.jsonl
 # Short runs: 12 optimizer steps on the first 6,000 records, a logged window every 2 steps.
@@ -55,6 +55,10 @@ fsdp() {  # fsdp NAME CONFIG RECIPE FLAGS...: 12 steps with a checkpoint at step
   ls "$work/$name" "$work/$name/checkpoint-6" > "$out/$name/files.txt" 2>&1
   [ -d "$work/$name/checkpoint-6" ] && run "$name-resumed" launch "$config" --config "$recipe" "${short[@]}" \
     "${all_gpus[@]}" --output_dir "$work/$name-resumed" --resume_from_checkpoint "$work/$name/checkpoint-6" "$@"
+  evaluate "$name"
+}
+evaluate() {  # evaluate NAME: eval_compare.py on the adapter of run NAME, on one GPU
+  local name=$1
   [ -f "$work/$name/adapter_model.safetensors" ] || { echo "$name: no adapter to evaluate"; return; }
   run "eval-$name" env CUDA_VISIBLE_DEVICES=0 python eval_compare.py --base "$model" --tuned "$work/$name" \
     --output_dir "$work/eval-$name" --max_new_tokens 32
@@ -80,7 +84,9 @@ for phase in "$@"; do
   epoch)
     run lora-ddp-epoch launch multi_gpu.yaml --config recipes/mistral-7b-lora.yaml --model_name_or_path "$model" \
       --dataset_name "$data" --output_dir "$work/lora-ddp-epoch" --overwrite_output_dir true ;;
+  eval-*) evaluate "${phase#eval-}" ;;
   *) echo "unknown phase $phase: use scaling, fsdp-lora, fsdp-qlora, epoch" >&2; exit 2 ;;
   esac
 done
-python bench/multi_gpu_report.py "$out" --gpus "$gpus"
+python bench/multi_gpu_report.py "$out" --gpus "$gpus" | tee "$out/report.md"
+tar -czf "${OUT:-/tmp/out}/multi_gpu.tgz" -C "$work/results" multi_gpu  # every run so far, as one file
