@@ -88,5 +88,9 @@ for phase in "$@"; do
   *) echo "unknown phase $phase: use scaling, fsdp-lora, fsdp-qlora, epoch" >&2; exit 2 ;;
   esac
 done
+for dir in "$work"/*/; do  # runs of earlier calls on this machine, kept in their output folders
+  name=$(basename "$dir"); [ -f "$dir/run_summary.json" ] && [ ! -d "$out/$name" ] || continue
+  mkdir -p "$out/$name"; cp "$dir"/{run_summary.json,trainer_state.json,train_config.yaml} "$out/$name/" 2>/dev/null
+done
 python bench/multi_gpu_report.py "$out" --gpus "$gpus" | tee "$out/report.md"
 tar -czf "${OUT:-/tmp/out}/multi_gpu.tgz" -C "$work/results" multi_gpu  # every run so far, as one file
