@@ -3,10 +3,11 @@
 # synthetic workload of bench/workload.py. Every run is train_sft.py with a shipped recipe and a shipped
 # accelerate config; its run_summary.json and trainer_state.json go to $OUT/multi_gpu/<run>/, and
 # bench/multi_gpu_report.py turns them into the tables of bench/RESULTS.md.
-#   bash bench/multi_gpu.sh scaling fsdp-lora fsdp-qlora epoch     (any of the phases, in that order)
+#   bash bench/multi_gpu.sh scaling fsdp-lora fsdp-qlora checkpointing epoch   (any of the phases)
 # scaling:    one GPU vs DDP on all GPUs, LoRA and QLoRA recipes, at the same global batch
 # fsdp-lora:  FSDP with the LoRA recipe: train, save, resume, merge with eval_compare.py
 # fsdp-qlora: FSDP+QLoRA (4-bit weights stored as bf16), the same
+# checkpointing: DDP vs FSDP with gradient checkpointing (LoRA recipe), the small-card setting
 # epoch:      one full epoch of the LoRA recipe under DDP, wall time included
 # Only mistral-common's tokenizer.model is unpacked (to /tmp/mc): the package itself needs pydantic,
 # which the GPU image lacks.
@@ -76,6 +77,11 @@ for phase in "$@"; do
         --output_dir "$work/$recipe-ddp" --save_strategy no
     done ;;
   fsdp-lora) fsdp fsdp-lora fsdp.yaml recipes/mistral-7b-lora.yaml ;;
+  checkpointing)  # the setting for smaller cards: where sharding the base is worth its gathers
+    for config in multi_gpu fsdp; do
+      run "lora-${config%_gpu}-ckpt" launch "$config.yaml" --config recipes/mistral-7b-lora.yaml "${short[@]}" \
+        "${all_gpus[@]}" --output_dir "$work/lora-${config%_gpu}-ckpt" --save_strategy no --gradient_checkpointing true
+    done ;;
   fsdp-qlora)
     fsdp fsdp-qlora fsdp_qlora.yaml recipes/mistral-7b-qlora.yaml --bnb_4bit_quant_storage bfloat16
     # FSDP2 and bitsandbytes' 4-bit parameters are a young pairing; if it fails, FSDP1, the documented route

@@ -72,6 +72,8 @@ def main():
         for fsdp in (("fsdp-lora",) if recipe == "lora" else ("fsdp-qlora", "fsdp1-qlora")):
             if fsdp in runs or fsdp != "fsdp1-qlora":
                 lines.append(throughput_row(f"{recipe}, {fsdp.split('-')[0].upper()}", runs.get(fsdp), one, epoch_tokens))
+    checkpointed = [(f"lora, {kind}, gradient checkpointing", runs.get(f"lora-{kind.lower()}-ckpt")) for kind in ("DDP", "FSDP")]
+    lines += [throughput_row(name, run, runs.get("lora-1gpu"), epoch_tokens) for name, run in checkpointed if run is not None]
     print("\n".join(lines) + "\n")
 
     lines = ["| run | adapter after the run | resumed at step 6: loss vs uninterrupted | merge: max logit diff | "
