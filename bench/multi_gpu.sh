@@ -78,9 +78,9 @@ for phase in "$@"; do
     done ;;
   fsdp-lora) fsdp fsdp-lora fsdp.yaml recipes/mistral-7b-lora.yaml ;;
   checkpointing)  # the setting for smaller cards: where sharding the base is worth its gathers
-    for config in multi_gpu fsdp; do
-      run "lora-${config%_gpu}-ckpt" launch "$config.yaml" --config recipes/mistral-7b-lora.yaml "${short[@]}" \
-        "${all_gpus[@]}" --output_dir "$work/lora-${config%_gpu}-ckpt" --save_strategy no --gradient_checkpointing true
+    for kind in ddp:multi_gpu fsdp:fsdp; do
+      run "lora-${kind%%:*}-ckpt" launch "${kind##*:}.yaml" --config recipes/mistral-7b-lora.yaml "${short[@]}" \
+        "${all_gpus[@]}" --output_dir "$work/lora-${kind%%:*}-ckpt" --save_strategy no --gradient_checkpointing true
     done ;;
   fsdp-qlora)
     fsdp fsdp-qlora fsdp_qlora.yaml recipes/mistral-7b-qlora.yaml --bnb_4bit_quant_storage bfloat16

@@ -117,6 +117,19 @@ def test_bad_settings_fail_before_weights_load(tmp_path, tokenizer_dir, override
     assert "Traceback" not in result.stderr
 
 
+def test_fsdp_with_a_4bit_base_stored_as_uint8_is_refused_before_loading(tmp_path, tokenizer_dir):
+    import os
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train_sft.py"), "--config", str(REPO / "recipes/tiny-cpu.yaml"),
+         "--model_name_or_path", str(tokenizer_dir), "--output_dir", str(tmp_path / "out"),
+         "--load_in_4bit", "true", "--use_cpu", "true"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_FSDP": "true"},
+    )
+    assert result.returncode == 1
+    assert "add --bnb_4bit_quant_storage bfloat16" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_unknown_recipe_key_is_rejected(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text((REPO / "recipes/tiny-cpu.yaml").read_text() + "lora_rnak: 8\n")

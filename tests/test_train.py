@@ -199,6 +199,7 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_model_dir, tmp_pa
         capture_output=True, text=True, timeout=600,
     )
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "find_unused_parameters=True" not in two.stderr  # DDP does no search for unused weights
     one = subprocess.run(
         list(map(str, [sys.executable, REPO / "train_sft.py", *common, "--per_device_train_batch_size", 2,
                        "--output_dir", tmp_path / "one"])),
@@ -253,3 +254,19 @@ def test_adapter_inputs_kept_in_bf16_give_the_same_gradients_and_save_less(tiny_
     # at least one bf16 copy of an adapted input (tokens x hidden) per layer is no longer kept
     one_copy = input_ids.numel() * base.config.hidden_size * 2
     assert saved_upcast - saved_bf16 >= base.config.num_hidden_layers * one_copy
+
+
+def test_a_run_whose_adapter_cannot_be_saved_whole_fails_instead_of_completing(tiny_model_dir, tmp_path, monkeypatch):
+    import torch.distributed.checkpoint.state_dict as dcp_state_dict
+
+    gather = dcp_state_dict.get_model_state_dict
+
+    def half_of_each_tensor(model, options=None):  # what a lost shard looks like
+        return {name: tensor[: tensor.shape[0] // 2] for name, tensor in gather(model, options=options).items()}
+
+    monkeypatch.setattr(dcp_state_dict, "get_model_state_dict", half_of_each_tensor)
+    out = tmp_path / "run"
+    with pytest.raises(train_sft.TrainingStopped, match="is not what was trained") as err:
+        train(tiny_model_dir, out, "--max_steps", 1)
+    assert "q_proj.lora_A.weight: shape [8, 64], the trained tensor is [16, 64]" in str(err.value)
+    assert json.loads((out / "run_summary.json").read_text())["status"].startswith("failed: the adapter saved")
