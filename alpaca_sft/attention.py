@@ -91,15 +91,10 @@ AttentionMaskInterface.register(DOCUMENT_FLEX, _mask_unless_packed)
 
 
 def resolve_attention(requested: str | None, packing: bool) -> str:
-    """'auto' picks flash-attn's varlen kernel when installed on a GPU, else document_flex.
-    Packing with an attention that would let packed examples see each other is refused."""
+    """'auto' picks flash-attn's varlen kernel when installed on a GPU, else document_flex for packed
+    rows and sdpa otherwise. Any other name is passed to transformers as it is."""
     if requested in (None, "auto"):
         if torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
             return "flash_attention_2"
         return DOCUMENT_FLEX if packing else "sdpa"
-    if packing and requested not in PACKING_SAFE:
-        raise ValueError(
-            f"attn_implementation={requested!r} lets packed examples attend to each other; with packing use "
-            f"'auto', '{DOCUMENT_FLEX}' or 'flash_attention_2' (flash-attn installed)"
-        )
     return requested

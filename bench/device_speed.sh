@@ -3,6 +3,7 @@
 # synthetic Alpaca workload, runs bench/speed.py (the shipped recipes through train_sft.py, and TRL's
 # defaults) and then bench/step_breakdown.py (levers and a profile of one micro-batch).
 #   bash bench/device_speed.sh        (run from the repository root; writes to $OUT)
+#   CONFIGS="lora-recipe lora-sdpa" BREAKDOWN=no bash bench/device_speed.sh     (some of speed.py's configs only)
 # Only mistral-common's tokenizer.model is unpacked (to /tmp/mc): the package itself needs pydantic,
 # which the GPU image lacks.
 set -uo pipefail
@@ -16,9 +17,10 @@ if [ ! -f "$work/mistral-7b/tokenizer.json" ] || [ ! -f "$work/alpaca.jsonl" ]; 
 fi
 echo "inputs ready after ${SECONDS} s"
 python bench/speed.py --model "$work/mistral-7b" --data "$work/alpaca.jsonl" --steps 10 --rows 6000 \
-  --baseline_steps 20 --timeout 150 --work /tmp/speed --out "$out/speed.md"
+  --baseline_steps 20 --timeout 150 --work /tmp/speed --out "$out/speed.md" ${CONFIGS:+--configs $CONFIGS}
 for log in /tmp/speed/*.log; do grep -qiE "error|traceback" "$log" && { echo "== $log"; tail -6 "$log"; }; done
 echo "speed.py done after ${SECONDS} s"
+[ "${BREAKDOWN:-yes}" = no ] && exit 0
 python bench/step_breakdown.py --model "$work/mistral-7b" --data "$work/alpaca.jsonl" \
   --config recipes/mistral-7b-lora.yaml --out "$out/breakdown.json" 2>&1 | grep -vE "Warning|warn\(|it/s\]"
 echo "all done after ${SECONDS} s"

@@ -26,6 +26,9 @@ import yaml
 
 CONFIGS = {  # name: (recipe, flags on top of it); "trl-defaults" is bench/trl_defaults.py. Run in this order.
     "lora-recipe": ("recipes/mistral-7b-lora.yaml", []),
+    # the attention A/B: transformers' own kernels, each given TRL's packed position_ids
+    "lora-transformers-flex": ("recipes/mistral-7b-lora.yaml", ["--attn_implementation", "flex_attention"]),
+    "lora-sdpa": ("recipes/mistral-7b-lora.yaml", ["--attn_implementation", "sdpa"]),
     "trl-defaults": (None, []),
     "qlora-recipe": ("recipes/mistral-7b-qlora.yaml", []),
     "qlora-24gb-recipe": ("recipes/mistral-7b-qlora-24gb.yaml", []),
@@ -67,13 +70,14 @@ def run_config(name, recipe, flags, args, work: Path) -> dict:
                    "--dataset_name", args.data, "--output_dir", str(work / name), "--overwrite_output_dir", "true",
                    "--max_steps", str(args.steps), "--logging_steps", str(max(1, args.steps // 4)),
                    "--save_strategy", "no", *rows, *cpu, *flags]
+    log = work / f"{name}.log"  # written as the run goes, so that a run cut off by the timeout keeps its log
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        with log.open("w") as out:
+            result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return {"status": f"timed out after {args.timeout} s"}
-    (work / f"{name}.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
-        return {"status": f"failed: {result.stderr.strip().splitlines()[-1][:120]}"}
+        return {"status": f"failed: {log.read_text().strip().splitlines()[-1][:120]}"}
     if recipe is None:
         return json.loads((work / f"{name}.json").read_text())
     summary = json.loads((work / name / "run_summary.json").read_text())

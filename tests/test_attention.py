@@ -1,4 +1,5 @@
-"""Packed rows: the per-token loss of a packed batch equals that of its examples run one by one."""
+"""Packed rows: the per-token loss of a packed batch equals that of its examples run one by one, with
+every attention the pipeline offers, as long as the batch carries TRL's packed position_ids."""
 
 import pytest
 import torch
@@ -29,30 +30,37 @@ def load(model_dir, attn):
     return model
 
 
-def test_packed_batch_loss_equals_one_by_one(tiny_model_dir, examples):
-    model = load(tiny_model_dir, DOCUMENT_FLEX).train()  # training mode + grads: the path training takes
-    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
-    assert batch["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
-    packed = model(**batch)
-    packed.loss.backward()  # the backward pass runs through the document mask too
-    packed_losses = per_token_loss(packed.logits[0], batch["labels"][0])
-
-    one_by_one = []
+def one_by_one_losses(model, examples):
+    losses = []
     for example in examples:
-        ids = torch.tensor([example["input_ids"]])
-        logits = model(input_ids=ids).logits[0]
+        logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0]
         # A packed row has no cross-boundary target: the next example's first token is masked.
-        one_by_one.append(per_token_loss(logits, torch.tensor(example["labels"])))
-        one_by_one.append(torch.zeros(1))
-    one_by_one = torch.cat(one_by_one)[:-1]
+        losses += [per_token_loss(logits, torch.tensor(example["labels"])), torch.zeros(1)]
+    return torch.cat(losses)[:-1]
 
+
+@pytest.mark.parametrize("attn", [DOCUMENT_FLEX, "sdpa", "eager"])
+def test_packed_batch_loss_equals_one_by_one(tiny_model_dir, examples, attn):
+    # transformers builds a per-example mask from the packed position_ids for sdpa and eager itself;
+    # document_flex reads the example boundaries (cu_seq_lens) that TRL's collator derives from them.
+    model = load(tiny_model_dir, attn).train()  # training mode + grads: the path training takes
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    assert batch["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples)) and "position_ids" in batch
+    packed = model(**batch)
+    packed.loss.backward()  # the backward pass runs through the per-example mask too
     trained = batch["labels"][0][1:] != -100
     assert trained.sum() > 50
-    torch.testing.assert_close(packed_losses[trained], one_by_one[trained], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(per_token_loss(packed.logits[0], batch["labels"][0])[trained],
+                               one_by_one_losses(model, examples)[trained], rtol=1e-4, atol=1e-4)
 
-    # The check has teeth: plain causal attention over the same row leaks across examples.
-    leaky_logits = load(tiny_model_dir, "sdpa")(input_ids=batch["input_ids"]).logits[0]
-    assert not torch.allclose(per_token_loss(leaky_logits, batch["labels"][0])[trained], one_by_one[trained], atol=1e-2)
+
+def test_a_packed_row_without_position_ids_leaks(tiny_model_dir, examples):
+    # The check has teeth: the same row given as one sequence lets each example see the ones before it.
+    model = load(tiny_model_dir, "sdpa")
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    trained = batch["labels"][0][1:] != -100
+    leaky = per_token_loss(model(input_ids=batch["input_ids"]).logits[0], batch["labels"][0])
+    assert not torch.allclose(leaky[trained], one_by_one_losses(model, examples)[trained], atol=1e-2)
 
 
 def test_flex_path_matches_one_by_one(tiny_model_dir, examples):
@@ -65,8 +73,7 @@ def test_flex_path_matches_one_by_one(tiny_model_dir, examples):
     torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-4)
 
 
-def test_packing_refuses_attention_that_leaks():
-    with pytest.raises(ValueError, match="attend to each other"):
-        resolve_attention("sdpa", packing=True)
-    assert resolve_attention("sdpa", packing=False) == "sdpa"
+def test_auto_picks_document_flex_for_packed_rows_and_passes_other_names_through():
     assert resolve_attention("auto", packing=True) == DOCUMENT_FLEX  # no flash-attn / no GPU here
+    assert resolve_attention("auto", packing=False) == "sdpa"
+    assert resolve_attention("sdpa", packing=True) == "sdpa"
