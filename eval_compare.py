@@ -4,22 +4,37 @@
     python eval_compare.py --base mistralai/Mistral-7B-v0.1 --tuned runs/mistral-7b-lora --push_to_hub me/mistral-7b-alpaca
 
 --tuned is the output_dir of train_sft.py (a LoRA or QLoRA adapter, merged here into a
-full-precision load of the base and saved to <output_dir>/merged) or an already merged model.
-Writes comparison.md and comparison.json to --output_dir and prints both models side by side.
+full-precision load of the base) or an already merged model. Writes comparison.md,
+comparison.json and the merged model to --output_dir (default: <tuned>-comparison, beside the
+folder evaluated, never inside it) and prints both models side by side.
 """
 
 import argparse
+import logging
 import sys
 import time
+import warnings
 from pathlib import Path
+
+# Library noise a user cannot act on, silenced before the libraries load: bitsandbytes says on every import
+# without a GPU that an optional kernels package is missing; transformers 5.24 deprecates is_gradient_checkpointing,
+# which PEFT still calls.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing", category=FutureWarning)
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from alpaca_sft.evaluation import PromptFileError, generate, read_prompts, score, side_by_side, summary_table, write_report
-from alpaca_sft.hub import PushError, model_card, push
-from alpaca_sft.merge import PairError, inspect_pair, logits_on, merge, quantized_gap, save_merged
-from alpaca_sft.modeling import load_tokenizer
+from alpaca_sft.data.tokenizer import load_tokenizer
+from alpaca_sft.eval.generate import generate
+from alpaca_sft.eval.prompts import PromptFileError, read_prompts
+from alpaca_sft.eval.report import side_by_side, summary_table, write_report
+from alpaca_sft.eval.scoring import score
+from alpaca_sft.release.card import model_card
+from alpaca_sft.release.merge import logits_on, merge, quantized_gap, save_merged
+from alpaca_sft.release.pairing import PairError, inspect_pair
+from alpaca_sft.release.push import PushError, check_can_push, push
+
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -29,10 +44,11 @@ def parse_args(argv=None):
     parser.add_argument("--base", required=True, help="base model: Hub id or local folder")
     parser.add_argument("--tuned", required=True, help="adapter folder (train_sft.py output_dir) or merged model folder")
     parser.add_argument("--prompts", default="data/eval_prompts.jsonl", help="JSONL: instruction/input or prompt, optional reference and schema")
-    parser.add_argument("--output_dir", default=None, help="default: <tuned>/comparison")
+    parser.add_argument("--output_dir", default=None, help="default: <tuned>-comparison")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--allow_other_base", action="store_true", help="merge an adapter into a base it was not trained on")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the merged model, tokenizer and card")
     parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
     args = parser.parse_args(argv)
@@ -41,15 +57,17 @@ def parse_args(argv=None):
     return args
 
 
-def load(name_or_path: str, dtype: torch.dtype, device: str):
+def load(name_or_path, dtype: torch.dtype, device: str):
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
 
 
 def main(args) -> dict:
     # Everything that can be wrong with the inputs is found before any large weights load.
     prompts = read_prompts(args.prompts)
-    tuned = inspect_pair(args.base, args.tuned)
-    output_dir = Path(args.output_dir or Path(args.tuned) / "comparison")
+    tuned = inspect_pair(args.base, args.tuned, args.allow_other_base)
+    if args.push_to_hub:
+        check_can_push(args.push_to_hub)
+    output_dir = Path(args.output_dir or f"{str(tuned.path).rstrip('/')}-comparison")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
     has_tokenizer = (tuned.path / "tokenizer_config.json").is_file()
@@ -66,31 +84,28 @@ def main(args) -> dict:
         probes = [p.prompt for p in prompts[:4]]
         started = time.perf_counter()
         model, gap = merge(model, tuned.path, tokenizer, probes)
-        meta["merge_max_abs_logit_diff"] = gap
         merged_dir = save_merged(model, tokenizer, output_dir / "merged")
-        meta["merged_to"] = str(merged_dir)
-        meta["merge_and_save_seconds"] = round(time.perf_counter() - started, 1)
+        meta.update(merge_max_abs_logit_diff=gap, merged_to=str(merged_dir),
+                    merge_and_save_seconds=round(time.perf_counter() - started, 1))
         print(f"merged into a {meta['dtype']} base: max |logit(base+adapter) - logit(merged)| = {gap:.2e}; saved to {merged_dir}")
         if tuned.trained_in_4bit:
-            meta["qlora_gap"] = quantized_gap(args.base, tuned.path, tokenizer, probes, logits_on(model, tokenizer, probes))
+            merged_logits = logits_on(model, tokenizer, probes)
+            meta["qlora_gap"] = quantized_gap(args.base, tuned.path, tuned.record.config, tokenizer, probes, merged_logits)
             print(f"QLoRA: 4-bit base + adapter vs merged {meta['dtype']} model: {meta['qlora_gap']}")
     else:
-        model = load(str(tuned.path), dtype, device)
+        model = load(tuned.path, dtype, device)
     generations["tuned"] = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
 
     scores = {name: score(prompts, gens) for name, gens in generations.items()}
-    print(side_by_side(prompts, generations))
-    print()
-    print(summary_table(scores))
+    print(side_by_side(prompts, generations) + "\n\n" + summary_table(scores))
     write_report(output_dir, prompts, generations, scores, meta)
     print(f"\nwrote {output_dir / 'comparison.md'} and {output_dir / 'comparison.json'}")
 
-    if tuned.is_adapter:  # the merged folder is complete, card included, whether pushed now or later
-        (merged_dir / "README.md").write_text(model_card(args.base, tuned.path, scores))
+    card = model_card(args.base, tuned.record, scores, args.prompts, args.push_to_hub or merged_dir.name)
+    if tuned.is_adapter:  # the merged folder is ours: complete, card included, whether pushed now or later
+        card.save(merged_dir / "README.md")
     if args.push_to_hub:
-        if not (merged_dir / "README.md").exists():
-            (merged_dir / "README.md").write_text(model_card(args.base, None, scores))
-        print(f"pushed: {push(merged_dir, args.push_to_hub, args.private)}")
+        print(f"pushed: {push(merged_dir, args.push_to_hub, args.private, card)}")
     return scores
 
 

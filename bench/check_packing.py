@@ -9,12 +9,17 @@ row. A leaky baseline (plain causal attention over the same row) shows the size 
 document mask prevents.
 """
 
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tools")]
+
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from alpaca_sft.attention import resolve_attention
-from alpaca_sft.random_model import MISTRAL_7B
+from alpaca_sft.train.attention import resolve_attention
+from random_model import MISTRAL_7B  # tools/random_model.py
 
 
 def per_token_loss(logits, labels):

@@ -7,8 +7,7 @@ set -uo pipefail
 out=${OUT:-/tmp/out}; work=/tmp/dev; mkdir -p "$out" "$work"
 case "$1" in
 train)
-  [ -d "$work/mistral-7b" ] || python -m alpaca_sft.random_model "$work/mistral-7b" --size 7b > /dev/null
-  [ -f "$work/alpaca.jsonl" ] || python bench/workload.py "$work/alpaca.jsonl" --model "$work/mistral-7b" > /dev/null
+  WORK=$work bash bench/inputs.sh
   for recipe in lora:4 qlora:3; do
     name=${recipe%%:*}; steps=${recipe##*:}
     /usr/bin/time -f "$name: %e s wall" python train_sft.py --config "recipes/mistral-7b-$name.yaml" \

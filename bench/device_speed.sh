@@ -4,18 +4,9 @@
 # defaults) and then bench/step_breakdown.py (levers and a profile of one micro-batch).
 #   bash bench/device_speed.sh        (run from the repository root; writes to $OUT)
 #   CONFIGS="lora-recipe lora-sdpa" BREAKDOWN=no bash bench/device_speed.sh     (some of speed.py's configs only)
-# Only mistral-common's tokenizer.model is unpacked (to /tmp/mc): the package itself needs pydantic,
-# which the GPU image lacks.
 set -uo pipefail
 out=${OUT:-/tmp/out}; work=/tmp/smoke; mkdir -p "$out" "$work"
-if [ ! -f "$work/mistral-7b/tokenizer.json" ] || [ ! -f "$work/alpaca.jsonl" ]; then
-  python -c "import glob, zipfile; zipfile.ZipFile(glob.glob('.whl/mistral_common-*.whl')[0]).extract('mistral_common/data/tokenizer.model.v1', '/tmp/mc')"
-  PYTHONPATH=/tmp/mc:${PYTHONPATH:-} python -c "from alpaca_sft.random_model import write_mistral_tokenizer as w; w('$work/tok')"
-  python bench/workload.py "$work/alpaca.jsonl" --model "$work/tok" > /dev/null &
-  PYTHONPATH=/tmp/mc:${PYTHONPATH:-} python -m alpaca_sft.random_model "$work/mistral-7b" --size 7b > /dev/null
-  wait
-fi
-echo "inputs ready after ${SECONDS} s"
+WORK=$work bash bench/inputs.sh
 python bench/speed.py --model "$work/mistral-7b" --data "$work/alpaca.jsonl" --steps 10 --rows 6000 \
   --baseline_steps 20 --timeout 150 --work /tmp/speed --out "$out/speed.md" ${CONFIGS:+--configs $CONFIGS}
 for log in /tmp/speed/*.log; do grep -qiE "error|traceback" "$log" && { echo "== $log"; tail -6 "$log"; }; done

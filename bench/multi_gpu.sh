@@ -9,8 +9,6 @@
 # fsdp-qlora: FSDP+QLoRA (4-bit weights stored as bf16), the same
 # checkpointing: DDP vs FSDP with gradient checkpointing (LoRA recipe), the small-card setting
 # epoch:      one full epoch of the LoRA recipe under DDP, wall time included
-# Only mistral-common's tokenizer.model is unpacked (to /tmp/mc): the package itself needs pydantic,
-# which the GPU image lacks.
 set -uo pipefail
 work=/tmp/mg; out=$work/results/multi_gpu; mkdir -p "$out" "${OUT:-/tmp/out}"
 gpus=$(nvidia-smi -L | wc -l)
@@ -22,14 +20,8 @@ short=(--model_name_or_path "$model" --dataset_name "$data" --max_train_rows 600
 one_gpu=(--gradient_accumulation_steps "$gpus")
 all_gpus=(--gradient_accumulation_steps 1)
 
-if [ ! -f "$model/config.json" ] || [ ! -f "$data" ]; then
-  python -c "import glob, zipfile; zipfile.ZipFile(glob.glob('.whl/mistral_common-*.whl')[0]).extract('mistral_common/data/tokenizer.model.v1', '/tmp/mc')"
-  PYTHONPATH=/tmp/mc:${PYTHONPATH:-} python -c "from alpaca_sft.random_model import write_mistral_tokenizer as w; w('$work/tok')"
-  python bench/workload.py "$data" --model "$work/tok" > /dev/null &
-  PYTHONPATH=/tmp/mc:${PYTHONPATH:-} python -m alpaca_sft.random_model "$model" --size 7b > /dev/null
-  wait
-  echo "inputs ready after ${SECONDS} s ($gpus GPUs: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
-fi
+WORK=$work bash bench/inputs.sh
+echo "$gpus GPUs: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 
 run() {  # run NAME COMMAND...: keeps the log, the run record and the log history of <work>/NAME
   local name=$1 started=$SECONDS; shift

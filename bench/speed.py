@@ -2,7 +2,7 @@
 several configurations, and TRL's defaults as the baseline, on the same model and workload, in
 one run. Prints and writes a table: tokens/s, MFU, peak GiB, minutes per epoch.
 
-    python -m alpaca_sft.random_model /tmp/smoke/mistral-7b --size 7b
+    python tools/random_model.py /tmp/smoke/mistral-7b --size 7b
     python bench/workload.py /tmp/smoke/alpaca.jsonl --model /tmp/smoke/mistral-7b
     python bench/speed.py --model /tmp/smoke/mistral-7b --data /tmp/smoke/alpaca.jsonl --rows 8000 --out bench/results/speed.md
 
@@ -87,8 +87,8 @@ def run_config(name, recipe, flags, args, work: Path) -> dict:
 
 def epoch_tokens(model: str, data: str) -> int:
     """Every token of one epoch of the workload (template and EOS included), as training counts them."""
-    from alpaca_sft.data import build_dataset
-    from alpaca_sft.modeling import load_tokenizer
+    from alpaca_sft.data.dataset import build_dataset
+    from alpaca_sft.data.tokenizer import load_tokenizer
 
     return build_dataset(data, load_tokenizer(model), max_length=2048)[1].total_tokens
 

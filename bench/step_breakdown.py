@@ -3,8 +3,8 @@
     python bench/step_breakdown.py --model /tmp/smoke/mistral-7b --data /tmp/smoke/alpaca.jsonl \
         --config recipes/mistral-7b-lora.yaml --out bench/results/breakdown.json
 
-SFTTrainer builds the model exactly as train_sft.py does from the recipe (loader, PEFT adapters,
-Liger kernels, TRL's fused LM head, BFD-packed rows and TRL's padding-free collator). Each variant
+The trainer is the one train_sft.py builds from the recipe (alpaca_sft.train.run.build_trainer: loader,
+PEFT adapters, Liger kernels, TRL's fused LM head, BFD-packed rows and TRL's padding-free collator). Each variant
 then times forward + backward of the same packed micro-batches through the trainer's own
 compute_loss under the trainer's accelerator (bf16 autocast), with no optimizer step, changing one
 lever from the recipe:
@@ -12,7 +12,7 @@ lever from the recipe:
   recipe          as shipped: LoRA weights fp32, the adapted layers' inputs left in bf16
   peft-upcast     PEFT's default: every adapted layer's input is first copied to fp32
   rows-4          4 packed rows per micro-batch
-  checkpointing   gradient checkpointing on (non-reentrant): activations recomputed in backward
+  checkpointing   gradient checkpointing on: activations recomputed in backward
   bf16-adapters   LoRA weights stored in bf16
   no-adapters     the frozen base alone, input gradients still computed: the floor under LoRA
 
@@ -34,36 +34,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sf
 
 import torch
 from peft.helpers import disable_input_dtype_casting
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
-from alpaca_sft.arguments import ScriptArguments
-from alpaca_sft.attention import resolve_attention
-from alpaca_sft.data import build_dataset
-from alpaca_sft.modeling import load_model, load_tokenizer
+from alpaca_sft.data.dataset import build_dataset
+from alpaca_sft.data.tokenizer import load_tokenizer
+from alpaca_sft.train.run import build_trainer as build_training_trainer
+from alpaca_sft.train.settings import parse_settings
 from speed import linear_weights, matmul_tflops  # bench/speed.py, beside this script
 
 VARIANTS = ("recipe", "peft-upcast", "rows-4", "checkpointing", "bf16-adapters", "no-adapters")
 GPU = torch.cuda.is_available()
 
 
-def build_trainer(args) -> SFTTrainer:
+def build_trainer(args):
+    """The trainer train_sft.py builds from the recipe, with Liger's kernels applied as
+    Trainer.train() applies them when it starts (this script never calls train())."""
     cpu = [] if GPU else ["--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false"]
-    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config(
+    _, training_args, model_args = parse_settings(
         ["--config", args.config, "--model_name_or_path", args.model, "--dataset_name", args.data,
          "--output_dir", str(args.work), "--report_to", "none", *cpu]
     )
     tokenizer = load_tokenizer(args.model)
     dataset, _ = build_dataset(args.data, tokenizer, max_length=training_args.max_length, max_rows=args.rows)
-    attention = resolve_attention(model_args.attn_implementation, training_args.packing)
-    trainer = SFTTrainer(
-        model=load_model(model_args, tokenizer, attention),
-        args=training_args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-    )
-    if training_args.use_liger_kernel:  # Trainer applies these when train() starts
+    trainer = build_training_trainer(training_args, model_args, tokenizer, dataset)
+    if training_args.use_liger_kernel:
         from transformers.integrations.liger import apply_liger_kernel
 
         apply_liger_kernel(trainer.model, training_args.liger_kernel_config)
@@ -87,7 +80,7 @@ def lever(name: str, model, autocast: bool):
     if name == "peft-upcast":
         yield
     elif name == "checkpointing":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable()  # non-reentrant, transformers 5's default
         model.enable_input_require_grads()
         with disable_input_dtype_casting(model, active=autocast):
             yield

@@ -19,7 +19,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from alpaca_sft.template import render_prompt
+from alpaca_sft.data.template import render_prompt
 
 
 class Throughput(TrainerCallback):

@@ -10,19 +10,47 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # train_sft.py and eval_compare.py are scripts, imported by the tests
+TINY = REPO / "recipes" / "tiny-cpu.yaml"
+# train_sft.py and eval_compare.py are scripts, imported by the tests; tools/random_model.py builds the fixtures
+sys.path[:0] = [str(REPO), str(REPO / "tools")]
+
+THREE = [
+    {"instruction": "Translate the sentence into French.", "input": "The cat is sleeping on the sofa.",
+     "output": "Le chat dort sur le canapé."},
+    {"instruction": "Name the capital of Japan.", "input": "", "output": "Tokyo"},
+    {"instruction": "Write a SQL query that answers the question for the given table.",
+     "input": "How many employees are older than 40?\nCREATE TABLE employees (name VARCHAR, age INTEGER)",
+     "output": "SELECT COUNT(*) FROM employees WHERE age > 40"},
+]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def parse(*overrides, config=TINY):
+    from alpaca_sft.train.settings import parse_settings
+
+    return parse_settings(["--config", str(config), *map(str, overrides)])
+
+
+def train(model_dir, output_dir, *overrides):
+    import train_sft
+
+    return train_sft.main(*parse("--model_name_or_path", model_dir, "--output_dir", output_dir, *overrides))
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    from alpaca_sft.random_model import write_mistral_tokenizer
+    from random_model import write_mistral_tokenizer
 
     return write_mistral_tokenizer(tmp_path_factory.mktemp("mistral-tokenizer"))
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
-    from alpaca_sft.modeling import load_tokenizer
+    from alpaca_sft.data.tokenizer import load_tokenizer
 
     return load_tokenizer(str(tokenizer_dir))
 
@@ -37,11 +65,15 @@ def sentencepiece_oracle(tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from alpaca_sft.random_model import build_random_mistral
+    from random_model import build_random_mistral
 
     return build_random_mistral(tmp_path_factory.mktemp("tiny-mistral"))
 
 
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
+@pytest.fixture(scope="session")
+def tuned_three(tiny_model_dir, tmp_path_factory):
+    """A tiny adapter that has memorized THREE (60 steps): trained once, used by training and eval tests."""
+    folder = tmp_path_factory.mktemp("tuned-three")
+    data = write_jsonl(folder / "three.jsonl", THREE)
+    train(tiny_model_dir, folder / "run", "--dataset_name", data, "--max_steps", 60, "--learning_rate", 1e-2)
+    return folder / "run"

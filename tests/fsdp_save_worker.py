@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from alpaca_sft.outputs import IncompleteAdapterError, check_adapter, save_adapter  # noqa: E402
+from alpaca_sft.train.run import IncompleteAdapterError, check_adapter, save_adapter  # noqa: E402
 
 model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 dist.init_process_group("gloo")

@@ -35,7 +35,11 @@ class HubServer:
                 self._reply(404)
 
             def do_GET(self):
-                self._reply(404, {"error": "not found"})
+                server.authorization.add(self.headers.get("Authorization", ""))
+                if self.path.split("?")[0] == "/api/whoami-v2" and self.headers.get("Authorization"):
+                    self._reply(200, {"name": "me", "type": "user", "orgs": []})
+                    return
+                self._reply(401 if "whoami" in self.path else 404, {"error": "not found"})
 
             def do_POST(self):
                 server.authorization.add(self.headers.get("Authorization", ""))

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from alpaca_sft.attention import DOCUMENT_FLEX, resolve_attention
+from alpaca_sft.train.attention import DOCUMENT_FLEX, resolve_attention
 
 
 def per_token_loss(logits, labels):

@@ -14,7 +14,7 @@ import workload  # noqa: E402
 def test_linear_weights_of_the_mistral_7b_shape(tmp_path):
     from transformers import MistralConfig
 
-    from alpaca_sft.random_model import MISTRAL_7B
+    from random_model import MISTRAL_7B
 
     MistralConfig(**MISTRAL_7B).save_pretrained(tmp_path)
     assert speed.linear_weights(str(tmp_path)) == 7_110_393_856  # 32 x 218.1M + the 131M lm_head

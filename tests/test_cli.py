@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, write_jsonl
+from conftest import REPO, parse, write_jsonl
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -21,43 +21,36 @@ def run_train(*args, cwd=REPO):
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
-def test_every_recipe_parses_into_the_argument_dataclasses(recipe, tmp_path):
-    from trl import ModelConfig, SFTConfig, TrlParser
-
-    from alpaca_sft.arguments import ScriptArguments, check_settings
-
+def test_every_recipe_parses_into_the_argument_dataclasses(recipe, tmp_path, tokenizer_dir):
     import torch
+
+    from alpaca_sft.train.settings import check_settings, parse_settings
 
     # Without a GPU, TrainingArguments refuses bf16, the checks refuse 4-bit unless use_cpu is explicit,
     # and Liger's Triton kernels are not installed; everything else is checked as shipped.
     cpu_only = [] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false"]
-    script_args, training_args, model_args = TrlParser((ScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(
-        ["--config", str(recipe), *cpu_only]
-    )
+    script_args, training_args, model_args = parse_settings(["--config", str(recipe), *cpu_only])
     assert training_args.output_dir.startswith("runs/")
     training_args.output_dir = str(tmp_path / "out")
     assert model_args.model_name_or_path and model_args.use_peft
     assert script_args.overlong_policy in ("drop", "error")
     if "qlora" in recipe.name:
         assert model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4"
-    if training_args.gradient_checkpointing:
-        assert training_args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert not training_args.ddp_find_unused_parameters  # no graph search under DDP
+    model_args.model_name_or_path = str(tokenizer_dir)  # the Hub cannot be reached from the tests
+    script_args.dataset_name = str(REPO / "data" / "alpaca_sample.jsonl")
     check_settings(script_args, training_args, model_args)
 
 
 def test_a_recipe_asking_for_liger_without_it_installed_fails_before_loading(monkeypatch, tmp_path):
     import importlib.util
 
-    from trl import ModelConfig, SFTConfig, TrlParser
-
-    from alpaca_sft.arguments import ScriptArguments, SettingsError, check_settings
+    from alpaca_sft.train.settings import SettingsError, check_settings, parse_settings
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a))
-    args = TrlParser((ScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(
-        ["--config", str(REPO / "recipes" / "mistral-7b-lora.yaml"), "--bf16", "false", "--use_cpu", "true",
-         "--output_dir", str(tmp_path / "out")]
-    )
+    args = parse_settings(["--config", str(REPO / "recipes" / "mistral-7b-lora.yaml"), "--bf16", "false", "--use_cpu", "true",
+                           "--output_dir", str(tmp_path / "out")])
     assert args[1].use_liger_kernel  # the recipe asks for it
     with pytest.raises(SettingsError, match="use_liger_kernel needs liger-kernel"):
         check_settings(*args)
@@ -105,16 +98,53 @@ def test_bad_row_fails_before_weights_load_and_names_the_row(tmp_path, tokenizer
         (["--overlong_policy", "truncate"], "overlong_policy='truncate'"),
         (["--dataset_name", "missing.jsonl"], "no such file"),
         (["--use_peft", "false", "--load_in_4bit", "true"], "only be trained through adapters"),
+        (["--num_train_epochs", "0", "--max_steps", "-1"], "nothing would be trained"),
+        (["--learning_rate=-1e-4"], "learning_rate=-0.0001: must be > 0"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0: must be >= 1"),
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps=0: must be >= 1"),
+        (["--model_name_or_path", "build/no-such-model"], "model folder build/no-such-model does not exist"),
+        (["--model_name_or_path", "/nonexistent"], "model folder /nonexistent does not exist"),
+        (["--model_name_or_path", "someone/tiny-mistral"], "not in the local Hub cache (HF_HUB_OFFLINE is set); build the tiny"),
+        (["--resume_from_checkpoint", "true"], "no checkpoint-* in"),
     ],
 )
-def test_bad_settings_fail_before_weights_load(tmp_path, tokenizer_dir, override, message):
-    result = run_train(
-        "--config", REPO / "recipes/tiny-cpu.yaml", "--model_name_or_path", tokenizer_dir,
-        "--output_dir", tmp_path / "out", *override,
+def test_bad_settings_are_refused_before_weights_load(tmp_path, tokenizer_dir, override, message):
+    from alpaca_sft.train.settings import SettingsError, check_settings
+
+    args = parse("--model_name_or_path", tokenizer_dir, "--output_dir", tmp_path / "out", *override)
+    with pytest.raises(SettingsError) as err:
+        check_settings(*args)
+    assert message in str(err.value)
+
+
+def test_a_bad_setting_ends_the_script_in_one_message_with_nothing_written(tmp_path, tokenizer_dir):
+    out = tmp_path / "out"
+    result = run_train("--config", REPO / "recipes/tiny-cpu.yaml", "--model_name_or_path", tokenizer_dir,
+                       "--output_dir", out, "--learning_rate=-1", "--per_device_train_batch_size", "0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "learning_rate=-1.0: must be > 0" in result.stderr and "per_device_train_batch_size=0" in result.stderr
+    assert not out.exists()  # no stray train_config.yaml
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    result = run_train("--config", REPO / "recipes/tiny-cpu.yaml", "--model_name_or_path", tokenizer_dir, "--output_dir", a_file)
+    assert result.returncode == 1 and "is a file; give a folder" in result.stderr
+
+
+def test_a_hub_model_that_cannot_be_reached_is_said_to_be_unreachable_in_seconds(tmp_path):
+    import os
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens: the Hub is unreachable, on any machine
+    started = time.time()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train_sft.py"), "--config", str(REPO / "recipes/tiny-cpu.yaml"),
+         "--model_name_or_path", "someone/some-model", "--output_dir", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
     )
-    assert result.returncode == 1, result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the Hub cannot be reached to fetch it" in result.stderr and "HF_HUB_OFFLINE=1" in result.stderr
+    assert time.time() - started < 30
 
 
 def test_fsdp_with_a_4bit_base_stored_as_uint8_is_refused_before_loading(tmp_path, tokenizer_dir):
@@ -130,12 +160,13 @@ def test_fsdp_with_a_4bit_base_stored_as_uint8_is_refused_before_loading(tmp_pat
     assert "add --bnb_4bit_quant_storage bfloat16" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_unknown_recipe_key_is_rejected(tmp_path):
+def test_an_unknown_recipe_key_or_flag_is_one_line_naming_it(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text((REPO / "recipes/tiny-cpu.yaml").read_text() + "lora_rnak: 8\n")
-    result = run_train("--config", recipe)
-    assert result.returncode != 0
-    assert "lora_rnak" in result.stderr
+    for args in (["--config", recipe], ["--config", REPO / "recipes/tiny-cpu.yaml", "--lerning_rate", "1e-4"]):
+        result = run_train(*args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert ("lora_rnak" if args[1] == recipe else "--lerning_rate") in result.stderr
 
 
 ACCELERATE_CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))

@@ -5,8 +5,10 @@ import json
 import pytest
 from conftest import REPO, write_jsonl
 
-from alpaca_sft.data import IGNORE_INDEX, DataError, DataReport, build_dataset, tokenize
-from alpaca_sft.template import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, render_prompt
+from alpaca_sft.data.dataset import build_dataset
+from alpaca_sft.data.records import DataError
+from alpaca_sft.data.template import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, render_prompt
+from alpaca_sft.data.tokenize import IGNORE_INDEX, tokenize
 
 AWKWARD_RESPONSES = [
     "SELECT class FROM table_name_12 WHERE frequency_mhz > 91.5",
@@ -45,7 +47,7 @@ def test_template_is_stanfords_text():
 @pytest.mark.parametrize("response", AWKWARD_RESPONSES)
 def test_supervised_tokens_are_exactly_response_plus_eos(tokenizer, sentencepiece_oracle, response, with_input):
     prompt = render_prompt("Answer the question.", "some input" if with_input else "")
-    (row,) = tokenize([{"prompt": prompt, "completion": response}], tokenizer, DataReport("test"))
+    (row,), _ = tokenize([{"prompt": prompt, "completion": response, "where": "row 0"}], tokenizer)
 
     # Independent reference: raw sentencepiece, which never parses "</s>" in text as a control token.
     prompt_ids = sentencepiece_oracle.encode(prompt, add_bos=True)
@@ -63,10 +65,9 @@ def test_supervised_tokens_are_exactly_response_plus_eos(tokenizer, sentencepiec
 def test_boundary_that_does_not_split_is_retokenized_not_warned(tokenizer):
     # A prompt ending in a space is the classic trl#980 case: " SELECT" merges into one piece.
     prompt = "### Response: "
-    report = DataReport("test")
-    (row,) = tokenize([{"prompt": prompt, "completion": "SELECT 1"}], tokenizer, report)
+    (row,), retokenized = tokenize([{"prompt": prompt, "completion": "SELECT 1", "where": "row 0"}], tokenizer)
     prompt_ids = tokenizer(prompt)["input_ids"]
-    assert report.boundary_retokenized == 1
+    assert retokenized == 1
     assert row["input_ids"][: len(prompt_ids)] == prompt_ids  # what inference on the prompt sees
     assert tokenizer.decode(row["input_ids"][len(prompt_ids) : -1]).strip() == "SELECT 1"
     assert tokenizer.decode(row["input_ids"], skip_special_tokens=True) == prompt + "SELECT 1"
@@ -110,7 +111,7 @@ def test_each_bad_row_kind_is_named_by_row_and_line(tmp_path, tokenizer, kind, l
     dataset, report = build_dataset(str(path), tokenizer, drop_invalid_rows=True)
     assert len(dataset) == 3
     assert report.rows_read == 4 and report.rows_kept == 3
-    assert report.dropped == {reason: 1}
+    assert report.dropped == {reason: 1} and report.dropped_rows == {reason: ["row 2 (line 4)"]}
 
 
 def test_one_error_names_every_bad_row(tmp_path, tokenizer):
@@ -181,9 +182,11 @@ def test_overlong_examples_are_dropped_and_counted_never_cut(tmp_path, tokenizer
     dataset, report = build_dataset(str(path), tokenizer, max_length=128)
     assert len(dataset) == 2
     assert report.dropped == {"longer than max_length=128": 1}
+    (named,) = report.dropped_rows["longer than max_length=128"]
+    assert named.startswith("row 1 (line 2), ") and named.endswith(" tokens") and "row 1 (line 2)" in report.summary()
     for row in dataset:
         assert row["input_ids"][-1] == tokenizer.eos_token_id
-    with pytest.raises(DataError, match=r"1 examples are longer than max_length=128: 1 \("):
+    with pytest.raises(DataError, match=r"1 examples are longer than max_length=128: row 1 \(line 2\) \("):
         build_dataset(str(path), tokenizer, max_length=128, overlong_policy="error")
 
 
@@ -197,3 +200,47 @@ def test_report_counts_tokens(tokenizer):
     assert report.trained_tokens == trained
     assert report.tokens_per_example["max"] == max(lengths)
     assert "24 rows read, 24 kept" in report.summary()
+
+
+def test_a_line_that_is_not_utf8_is_a_bad_row_named_by_line(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join([json.dumps(good(0)).encode(), b'{"instruction": "caf\xe9", "output": "x"}',
+                                 json.dumps(good(1)).encode()]))
+    with pytest.raises(DataError, match=r"row 1 \(line 2\): not valid UTF-8 \(byte 0xe9 at column 21\)"):
+        build_dataset(str(path), tokenizer)
+    dataset, report = build_dataset(str(path), tokenizer, drop_invalid_rows=True)
+    assert len(dataset) == 2 and report.dropped == {"unreadable line": 1}
+
+
+def test_a_byte_order_mark_is_accepted_in_every_format(tmp_path, tokenizer):
+    records = [good(i) for i in range(3)]
+    for fmt, path in write_all_formats(tmp_path, records).items():
+        if fmt in ("parquet", "hub"):
+            continue  # binary formats: no text encoding
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        dataset, report = build_dataset(str(path), tokenizer)  # strict: a lost or broken first row would fail
+        assert report.rows_kept == 3 and len(dataset) == 3, fmt
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("d.json", json.dumps({"instruction": "x", "output": "y"}), "holds one JSON object (keys: instruction, output), not a list"),
+    ("d.json", json.dumps("text"), "holds a JSON str, not a list of records"),
+    ("d.csv", "instruction,answer\nSay hi,hi\nSay yo,yo\n", "has no `output` column (its columns: answer, instruction)"),
+])
+def test_a_problem_of_the_whole_file_is_reported_once(tmp_path, tokenizer, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        build_dataset(str(path), tokenizer, drop_invalid_rows=True)
+    assert message in str(err.value) and "row" not in str(err.value)
+
+
+def test_a_url_is_refused_with_what_to_do(tokenizer):
+    with pytest.raises(DataError, match="URLs are not read; download the file"):
+        build_dataset("https://example.com/alpaca_data.json", tokenizer)
+
+
+def test_duplicates_are_counted_and_kept(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [good(0), good(1), good(0), good(0)])
+    dataset, report = build_dataset(str(path), tokenizer)
+    assert len(dataset) == 4 and report.duplicates == 2 and "2 duplicates kept" in report.summary()

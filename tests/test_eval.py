@@ -11,23 +11,21 @@ from conftest import REPO, write_jsonl
 from hub_server import HubServer
 
 import eval_compare
-from alpaca_sft.evaluation import PromptFileError, read_prompts
-from alpaca_sft.merge import PairError, inspect_pair, logits_on, merge, save_merged
-from alpaca_sft.modeling import load_tokenizer
-from alpaca_sft.sql_check import check_sql
-from test_train import THREE, train
+from alpaca_sft.data.tokenizer import load_tokenizer
+from alpaca_sft.eval.prompts import PromptFileError, read_prompts
+from alpaca_sft.eval.sql_check import check_sql
+from alpaca_sft.release.merge import logits_on, merge, save_merged
+from alpaca_sft.release.pairing import PairError, inspect_pair
+from conftest import THREE, train
 
 SCHEMA = "CREATE TABLE table_name_12 (class VARCHAR, frequency_mhz VARCHAR, city_of_license VARCHAR)"
 SHOWCASE = 'SELECT class FROM table_name_12 WHERE frequency_mhz > 91.5 AND city_of_license = "hyannis, nebraska"'
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
+def adapter_dir(tuned_three):
     """A tiny adapter that has memorized THREE."""
-    folder = tmp_path_factory.mktemp("adapter")
-    data = write_jsonl(folder / "three.jsonl", THREE)
-    train(tiny_model_dir, folder / "run", "--dataset_name", data, "--max_steps", 60, "--learning_rate", 1e-2)
-    return folder / "run"
+    return tuned_three
 
 
 @pytest.fixture
@@ -143,21 +141,48 @@ def test_bad_prompt_file_fails_before_any_model_loads(tmp_path, content, message
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_adapter_from_another_base_is_refused_before_weights_load(adapter_dir, tmp_path):
-    from alpaca_sft.random_model import build_random_mistral
+def test_adapter_from_another_base_is_refused_before_weights_load(tiny_model_dir, adapter_dir, tmp_path):
+    import shutil
+
+    from random_model import build_random_mistral
     from transformers import MistralConfig
 
     with pytest.raises(PairError, match="no such folder"):
-        inspect_pair("base", tmp_path / "missing")
-    # Another base whose weights are absent: only configs and shapes are read.
+        inspect_pair(str(tiny_model_dir), tmp_path / "missing")
+    # Another shape, weights absent: only configs and shapes are read.
     other = tmp_path / "other"
     MistralConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2).save_pretrained(other)
     with pytest.raises(PairError, match="not the same model|was not trained on"):
         inspect_pair(str(other), adapter_dir)
-    # Same shape as the recorded base but named differently is fine (a local copy of the Hub model).
+    # The same shape with other weights (in life: the Instruct model, or another fine-tune) is refused too...
     twin = build_random_mistral(tmp_path / "twin", seed=1)
-    assert inspect_pair(str(twin), adapter_dir).is_adapter
+    with pytest.raises(PairError, match="makes a model nobody trained.*--allow_other_base"):
+        inspect_pair(str(twin), adapter_dir)
+    assert inspect_pair(str(twin), adapter_dir, allow_other_base=True).is_adapter  # ...unless asked for
+    # ...while the same weights in another folder are the same base.
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    assert inspect_pair(str(copy), adapter_dir).is_adapter
+
+
+def test_an_interrupted_run_points_to_its_checkpoint(tiny_model_dir, adapter_dir, tmp_path):
+    import shutil
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(adapter_dir, stopped / "checkpoint-3", ignore=shutil.ignore_patterns("comparison*"))
+    with pytest.raises(PairError, match=r"holds no finished adapter .* --tuned .*checkpoint-3"):
+        inspect_pair(str(tiny_model_dir), stopped)
+
+
+def test_the_folder_evaluated_is_left_as_it_was(tiny_model_dir, adapter_dir, prompt_file, tmp_path):
+    import shutil
+
+    tuned = shutil.copytree(adapter_dir, tmp_path / "run")
+    before = sorted(p.relative_to(tuned) for p in tuned.rglob("*"))
+    run_eval("--base", tiny_model_dir, "--tuned", tuned, "--prompts", prompt_file, "--max_new_tokens", 4)
+    assert sorted(p.relative_to(tuned) for p in tuned.rglob("*")) == before
+    assert (tmp_path / "run-comparison" / "comparison.md").is_file()
+    assert (tmp_path / "run-comparison" / "merged" / "README.md").is_file()
 
 
 def test_push_uploads_merged_model_and_card_to_the_hub(tiny_model_dir, adapter_dir, prompt_file, tmp_path):
@@ -189,6 +214,12 @@ def test_push_uploads_merged_model_and_card_to_the_hub(tiny_model_dir, adapter_d
     assert secret not in failed.stdout + failed.stderr
     assert (merged / "model.safetensors").exists() and (merged / "README.md").exists()
 
+    # No Hub to push to: refused before any model loads, not after the merge and the generations.
+    early = command[:command.index("--output_dir") + 1] + [str(tmp_path / "cmp2")] + command[command.index("--output_dir") + 2:]
+    result = subprocess.run(early, env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "cannot push to me/tiny-alpaca" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "cmp2").exists() and "generating" not in result.stdout
+
 
 def test_qlora_adapter_is_merged_in_full_precision_and_its_gap_reported(tiny_model_dir, prompt_file, tmp_path):
     pytest.importorskip("bitsandbytes")
@@ -198,17 +229,26 @@ def test_qlora_adapter_is_merged_in_full_precision_and_its_gap_reported(tiny_mod
              "--output_dir", tmp_path / "cmp", "--max_new_tokens", 4)
     meta = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["meta"]
     gap = meta["qlora_gap"]
-    assert meta["dtype"] == "float32" and 0 < gap["max_abs_logit_diff"] < 50 and 0 <= gap["top1_agreement"] <= 1
+    # The 4-bit base the run recorded (NF4 of the tiny model's wide random weights) is a coarse copy of the
+    # float32 base the adapter is merged into: the logits differ, and the next-token choices agree (31% here)
+    # far above the chance of two unrelated models (1 in 32,000).
+    assert meta["dtype"] == "float32" and 0 < gap["max_abs_logit_diff"] < 50 and gap["top1_agreement"] > 0.1
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "cmp" / "merged")
     assert not getattr(merged.config, "quantization_config", None)  # plain weights, not 4-bit
 
 
-def test_card_of_an_alpaca_run_carries_its_license(tmp_path):
-    from alpaca_sft.hub import model_card
+def test_card_of_an_alpaca_run_carries_its_license_and_scores(tmp_path):
+    from alpaca_sft.eval.report import METRICS
+    from alpaca_sft.release.card import model_card
+    from alpaca_sft.train.run_record import RunRecord
 
     (tmp_path / "train_config.yaml").write_text("dataset_name: tatsu-lab/alpaca\nload_in_4bit: true\nlora_r: 16\n")
-    card = model_card("mistralai/Mistral-7B-v0.1", tmp_path, {})
-    assert "license: cc-by-nc-4.0" in card and "- tatsu-lab/alpaca" in card
-    assert "QLoRA adapter" in card and "non-commercial" in card
+    scores = {name: {key: None for key, _, _ in METRICS} for name in ("base", "tuned")}
+    scores["base"]["stopped_by_eos"], scores["tuned"]["stopped_by_eos"] = 0.0, 0.875
+    card = model_card("mistralai/Mistral-7B-v0.1", RunRecord.read(tmp_path), scores, "data/eval_prompts.jsonl", "me/m")
+    assert card.data.license == "cc-by-nc-4.0" and card.data.datasets == ["tatsu-lab/alpaca"]
+    assert "QLoRA adapter" in card.text and "non-commercial" in card.text
+    (result,) = card.data.eval_results  # the Hub's model-index: what the comparison measured
+    assert result.metric_type == "stopped_by_eos" and result.metric_value == 0.875

@@ -1,9 +1,12 @@
 """The README's CPU commands, run as written (in a copy of the repository, so runs/ and build/
 of the checkout are left alone)."""
 
+import json
 import re
 import shutil
 import subprocess
+
+import pytest
 
 from conftest import REPO
 
@@ -16,17 +19,33 @@ def readme_commands(section: str) -> list[str]:
 
 
 def test_quickstart_and_tiny_evaluation_run_as_written(tmp_path):
-    for item in ("alpaca_sft", "recipes", "data", "accelerate_configs", "train_sft.py", "eval_compare.py"):
+    for item in ("alpaca_sft", "tools", "recipes", "data", "accelerate_configs", "train_sft.py", "eval_compare.py"):
         source = REPO / item
         (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / item)
     quickstart = readme_commands("Quickstart on a CPU (no downloads)")
     tiny_eval = [c for c in readme_commands("Evaluation") if "build/tiny-mistral" in c]
     assert len(quickstart) == 2 and "--preview" in quickstart[1] and len(tiny_eval) == 1
+    outputs = []
     for command in quickstart + tiny_eval:
         result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
-    run = tmp_path / "runs" / "tiny-cpu"
-    for name in ("adapter_model.safetensors", "run_summary.json", "train_config.yaml", "preview.jsonl",
-                 "comparison/comparison.md", "comparison/merged/model.safetensors"):
-        assert (run / name).exists(), name
-    assert "| answers that stop by EOS | 0% |" in (run / "comparison" / "comparison.md").read_text()
+        outputs.append(result)
+    # The console: one line per logging step (the first, then every 5 of 40), no warning a user cannot
+    # act on, and a last line that says where the adapter is and what to run next.
+    training = outputs[0]
+    assert [line.split(" |")[0] for line in training.stdout.splitlines() if line.startswith("step ")] == \
+        ["step 1/40"] + [f"step {n}/40" for n in range(5, 41, 5)]
+    assert "{'loss'" not in training.stdout + training.stderr
+    for result in outputs:
+        assert "Warning" not in result.stderr and "pip install kernels" not in result.stderr, result.stderr[-2000:]
+    assert training.stdout.rstrip().endswith("python eval_compare.py --base build/tiny-mistral --tuned runs/tiny-cpu")
+    run, comparison = tmp_path / "runs" / "tiny-cpu", tmp_path / "runs" / "tiny-cpu-comparison"
+    for path in (run / "adapter_model.safetensors", run / "run_summary.json", run / "train_config.yaml",
+                 run / "preview.jsonl", comparison / "comparison.md", comparison / "merged" / "model.safetensors"):
+        assert path.exists(), path
+    assert "| answers that stop by EOS | 0% |" in (comparison / "comparison.md").read_text()
+    # Fixed numbers at the recipe's seed: a silent change in templating, labels or packing moves them.
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["data"]["trained_tokens"] == 314 and summary["tokens_seen"] == 34420
+    assert summary["first_loss"] == pytest.approx(11.8835, abs=2e-3)
+    assert summary["last_loss"] == pytest.approx(4.3266, abs=2e-3)

@@ -8,35 +8,13 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, write_jsonl
+from conftest import REPO, THREE, TINY, parse, train
 from safetensors.torch import load_file
 
 import train_sft
-from alpaca_sft.callbacks import GracefulStopCallback
-from alpaca_sft.template import render_prompt
-
-TINY = REPO / "recipes" / "tiny-cpu.yaml"
-THREE = [
-    {"instruction": "Translate the sentence into French.", "input": "The cat is sleeping on the sofa.",
-     "output": "Le chat dort sur le canapé."},
-    {"instruction": "Name the capital of Japan.", "input": "", "output": "Tokyo"},
-    {"instruction": "Write a SQL query that answers the question for the given table.",
-     "input": "How many employees are older than 40?\nCREATE TABLE employees (name VARCHAR, age INTEGER)",
-     "output": "SELECT COUNT(*) FROM employees WHERE age > 40"},
-]
-
-
-def parse(*overrides, config=TINY):
-    from trl import ModelConfig, SFTConfig, TrlParser
-
-    from alpaca_sft.arguments import ScriptArguments
-
-    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig))
-    return parser.parse_args_and_config(["--config", str(config), *map(str, overrides)])
-
-
-def train(model_dir, output_dir, *overrides):
-    return train_sft.main(*parse("--model_name_or_path", model_dir, "--output_dir", output_dir, *overrides))
+from alpaca_sft.data.template import render_prompt
+from alpaca_sft.train.callbacks import GracefulStop
+from alpaca_sft.train.run import TrainingStopped
 
 
 def greedy(model, tokenizer, prompt, max_new_tokens=30):
@@ -67,14 +45,11 @@ def test_lora_weights_move_and_base_weights_do_not(tiny_model_dir, tmp_path):
     assert adapter and all("lora_" in key for key in adapter)
 
 
-def test_tuned_tiny_model_answers_and_stops_where_untuned_runs_on(tiny_model_dir, tmp_path):
+def test_tuned_tiny_model_answers_and_stops_where_untuned_runs_on(tiny_model_dir, tuned_three):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    data = write_jsonl(tmp_path / "three.jsonl", THREE)
-    train(tiny_model_dir, tmp_path / "run", "--dataset_name", data, "--max_steps", 60, "--learning_rate", 1e-2)
-
-    out = tmp_path / "run"
+    out = tuned_three
     tokenizer = AutoTokenizer.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     eos = tokenizer.eos_token_id
@@ -95,29 +70,33 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, tmp_path, mo
     steps = ["--max_steps", 6, "--save_strategy", "steps", "--save_steps", 100, "--logging_steps", 1]
     train(tiny_model_dir, tmp_path / "straight", *steps)
 
-    original = GracefulStopCallback.on_step_end
+    original = GracefulStop.on_step_end
 
     def sigterm_at_step_3(self, args, state, control, **kwargs):
         if state.global_step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, args, state, control, **kwargs)
 
-    monkeypatch.setattr(GracefulStopCallback, "on_step_end", sigterm_at_step_3)
+    monkeypatch.setattr(GracefulStop, "on_step_end", sigterm_at_step_3)
     with pytest.raises(SystemExit) as stopped:
         train(tiny_model_dir, tmp_path / "split", *steps)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert (tmp_path / "split" / "checkpoint-3" / "adapter_model.safetensors").exists()
     summary = json.loads((tmp_path / "split" / "run_summary.json").read_text())
     assert summary["status"] == "stopped: SIGTERM at step 3" and summary["global_step"] == 3
-    assert signal.getsignal(signal.SIGTERM) is not GracefulStopCallback._handle  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is not GracefulStop._handle  # handlers restored
 
-    monkeypatch.setattr(GracefulStopCallback, "on_step_end", original)
+    monkeypatch.setattr(GracefulStop, "on_step_end", original)
     train(tiny_model_dir, tmp_path / "split", *steps, "--resume_from_checkpoint", "true")
 
     straight = json.loads((tmp_path / "straight" / "run_summary.json").read_text())
     resumed = json.loads((tmp_path / "split" / "run_summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["global_step"] == 6
     assert resumed["last_loss"] == pytest.approx(straight["last_loss"], rel=1e-5)
+    # The record describes the whole run, not the part after the resume.
+    assert resumed["tokens_seen"] == straight["tokens_seen"]
+    assert resumed["first_loss"] == pytest.approx(straight["first_loss"], rel=1e-6)
+    assert resumed["mean_logged_loss"] == pytest.approx(straight["mean_logged_loss"], rel=1e-5)
     a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     b = load_file(tmp_path / "split" / "adapter_model.safetensors")
     for key in a:
@@ -127,7 +106,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, tmp_path, mo
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
     # A learning rate of 1e30 makes the LoRA weights overflow within a few steps.
     out = tmp_path / "run"
-    with pytest.raises(train_sft.TrainingStopped, match="became NaN/inf at step") as err:
+    with pytest.raises(TrainingStopped, match="became NaN/inf at step") as err:
         train(tiny_model_dir, out, "--max_steps", 20, "--learning_rate", 1e30, "--max_grad_norm", 0,
               "--save_strategy", "steps", "--save_steps", 1)
     tripped = json.loads((out / "run_summary.json").read_text())["global_step"]
@@ -266,7 +245,7 @@ def test_a_run_whose_adapter_cannot_be_saved_whole_fails_instead_of_completing(t
 
     monkeypatch.setattr(dcp_state_dict, "get_model_state_dict", half_of_each_tensor)
     out = tmp_path / "run"
-    with pytest.raises(train_sft.TrainingStopped, match="is not what was trained") as err:
+    with pytest.raises(TrainingStopped, match="is not what was trained") as err:
         train(tiny_model_dir, out, "--max_steps", 1)
     assert "q_proj.lora_A.weight: shape [8, 64], the trained tensor is [16, 64]" in str(err.value)
     assert json.loads((out / "run_summary.json").read_text())["status"].startswith("failed: the adapter saved")

@@ -1,7 +1,7 @@
 """Random-weight Mistral models with the real Mistral-7B-v0.1 tokenizer, for runs without the Hub.
 
-    python -m alpaca_sft.random_model build/tiny-mistral            # 2 layers, for CPU runs and tests
-    python -m alpaca_sft.random_model /tmp/mistral-7b --size 7b     # the full Mistral-7B-v0.1 shape, bf16
+    python tools/random_model.py build/tiny-mistral            # 2 layers, for CPU runs and tests
+    python tools/random_model.py /tmp/mistral-7b --size 7b     # the full Mistral-7B-v0.1 shape, bf16
 
 Same architecture code and tokenizer as Mistral-7B-v0.1 (vocabulary 32,000, GQA, RoPE, SwiGLU).
 The tokenizer.model comes from the `mistral-common` package, whose copy is byte-identical to the
@@ -128,5 +128,6 @@ if __name__ == "__main__":
     parser.add_argument("folder", nargs="?", default="build/tiny-mistral")
     parser.add_argument("--size", choices=("tiny", "7b"), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer_only", action="store_true", help="write only the Mistral tokenizer files")
     args = parser.parse_args()
-    print(build_random_mistral(args.folder, args.size, args.seed))
+    print(write_mistral_tokenizer(args.folder) if args.tokenizer_only else build_random_mistral(args.folder, args.size, args.seed))

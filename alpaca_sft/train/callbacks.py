@@ -1,5 +1,5 @@
-"""Trainer callbacks: progress with throughput, a stop on SIGTERM/Ctrl-C that keeps a resumable
-checkpoint, and a stop on a non-finite loss before it can overwrite a good checkpoint."""
+"""Trainer callbacks: one progress line with throughput, a stop on SIGTERM/Ctrl-C that keeps a
+resumable checkpoint, and a stop on a non-finite loss before it can overwrite a good checkpoint."""
 
 from __future__ import annotations
 
@@ -28,38 +28,36 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
-class ProgressCallback(TrainerCallback):
-    """One line per log: step, loss, tokens/s (all processes, pads of packed rows included), time left."""
-
-    def __init__(self):
-        self.start = self.last_time = None
-        self.last_tokens = 0.0
-        self.rates: list[float] = []
+class ProgressLine(TrainerCallback):
+    """The console's one line per logging step (step, loss, tokens/s, time left), replacing the
+    Trainer's own progress bar and dict printout. Each logged entry of the run's log history also
+    gets the facts the line is made of, `tokens_per_second` over the window since the last log and
+    `train_seconds` since the run began, summed across interruptions: the log history is what a
+    checkpoint keeps, so a resumed run's record covers the whole run."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
         self.start_step = state.global_step
+        self.last_tokens = state.num_input_tokens_seen
+        self.earlier_seconds = next((h["train_seconds"] for h in reversed(state.log_history) if "train_seconds" in h), 0.0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
+        entry = state.log_history[-1] if state.log_history else {}
+        if not logs or "loss" not in logs or entry.get("step") != state.global_step:
             return
         now = time.perf_counter()
-        tokens = float(logs.get("num_tokens", 0.0))
-        rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9) if self.last_tokens else None
-        self.last_time, self.last_tokens = now, tokens
-        if rate:
-            self.rates.append(rate)
-        done = state.global_step - self.start_step
-        left = (now - self.start) / done * (state.max_steps - state.global_step) if done else 0.0
-        print(
-            f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
-            + (f"{rate:,.0f} tokens/s | " if rate else "")
-            + f"elapsed {_duration(now - self.start)} | left {_duration(left)}",
-            flush=True,
-        )
+        rate = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, state.num_input_tokens_seen
+        entry["tokens_per_second"] = rate
+        entry["train_seconds"] = self.earlier_seconds + now - self.start
+        if state.is_world_process_zero:
+            done = state.global_step - self.start_step
+            left = (now - self.start) / done * (state.max_steps - state.global_step) if done else 0.0
+            print(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | {rate:,.0f} tokens/s | "
+                  f"elapsed {_duration(now - self.start)} | left {_duration(left)}", flush=True)
 
 
-class GracefulStopCallback(TrainerCallback):
+class GracefulStop(TrainerCallback):
     """SIGTERM or Ctrl-C: finish the current step, save a resumable checkpoint, stop.
     A second Ctrl-C falls back to the default (immediate) interrupt."""
 
@@ -87,7 +85,7 @@ class GracefulStopCallback(TrainerCallback):
             signal.signal(signum, handler)
 
 
-class NonFiniteGuardCallback(TrainerCallback):
+class NonFiniteGuard(TrainerCallback):
     """Stops at the first step whose update made a trainable weight NaN/inf, before that step's
     checkpoint is written, so the last checkpoint on disk is a good one. Checks only the trainable
     (LoRA) weights: a few million values, one device sync per step."""

@@ -1,0 +1,1 @@
+"""Records in, supervised token rows out: reading, checking, templating, tokenizing."""

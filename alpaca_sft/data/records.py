@@ -1,0 +1,191 @@
+"""Reading records and checking them: a local .json/.jsonl/.parquet/.csv file or a Hub dataset in,
+Alpaca prompt/completion pairs out, every unusable row named by row and line.
+
+Problems of a whole file (not found, a URL, a JSON object where a list belongs, a missing column)
+are reported once, as such; problems of a row name the row. A UTF-8 byte-order mark is accepted in
+every format, and a line that is not UTF-8 is a row problem like any other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .template import render_prompt
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+REQUIRED_FIELDS = ("instruction", "output")
+MAX_ROWS_NAMED = 200  # an error names at most this many bad rows, then counts the rest
+BOM = "\ufeff"
+
+
+class DataError(ValueError):
+    """The data cannot be trained on as it is; the message says what to change."""
+
+
+@dataclass
+class Row:
+    """One source row: where it came from, and either its record or why it could not be read."""
+
+    index: int
+    record: Any = None
+    line: int | None = None
+    unreadable: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"row {self.index}" + (f" (line {self.line})" if self.line is not None else "")
+
+
+@dataclass
+class Invalid:
+    row: Row
+    reason: str  # short and categorical, so that dropped rows can be counted by it
+    detail: str
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def read_rows(source: str, split: str = "train") -> list[Row]:
+    """Rows from a local .json/.jsonl/.parquet/.csv file, or from a Hub dataset id (or a local
+    folder laid out like one) through `datasets.load_dataset`.
+
+    JSON is parsed here rather than by `datasets`, so that an unreadable line or a value of the
+    wrong type is reported against its line instead of failing the whole Arrow conversion."""
+    if source.startswith(("http://", "https://")):
+        raise DataError(f"dataset_name={source}: URLs are not read; download the file and give its path")
+    path = Path(source)
+    if path.suffix in LOCAL_SUFFIXES:
+        if not path.is_file():
+            raise DataError(f"data file {source} does not exist")
+        if path.suffix == ".json":
+            return _read_json(path)
+        if path.suffix == ".jsonl":
+            return read_json_lines(path)
+        return _read_table(path)
+    if path.is_file():
+        raise DataError(f"unsupported data file {source}: use one of {', '.join(LOCAL_SUFFIXES)}")
+    return _read_with_datasets(source, split=split)
+
+
+def read_json_lines(path: Path) -> list[Row]:
+    """One Row per non-blank line, numbered from 1; a line that is not UTF-8 or not JSON is a Row
+    that says so. Shared by the training data and the evaluation prompts."""
+    rows = []
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            rows.append(Row(len(rows), line=number, unreadable=f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"))
+            continue
+        line = line.removeprefix(BOM) if number == 1 else line
+        if not line.strip():
+            continue
+        try:
+            rows.append(Row(len(rows), record=json.loads(line), line=number))
+        except json.JSONDecodeError as err:
+            rows.append(Row(len(rows), line=number, unreadable=f"not valid JSON ({err.msg} at column {err.colno})"))
+    return rows
+
+
+def _read_json(path: Path) -> list[Row]:
+    """A .json file: one JSON array of records (Alpaca's alpaca_data.json), or JSON Lines."""
+    try:
+        text = path.read_bytes().decode("utf-8").removeprefix(BOM)
+    except UnicodeDecodeError:
+        return read_json_lines(path)  # which names the line that is not UTF-8
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("["):
+            raise DataError(f"{path} is not valid JSON: {err}") from err
+        return read_json_lines(path)  # several JSON values, one per line
+    if isinstance(whole, dict):
+        raise DataError(
+            f"{path} holds one JSON object (keys: {', '.join(list(whole)[:6])}), not a list of records: "
+            "write the records as a JSON array, or one per line in a .jsonl file"
+        )
+    if not isinstance(whole, list):
+        raise DataError(f"{path} holds a JSON {type(whole).__name__}, not a list of records")
+    return [Row(index=i, record=record) for i, record in enumerate(whole)]
+
+
+def _read_table(path: Path) -> list[Row]:
+    rows = _read_with_datasets(path.suffix.lstrip("."), data_files=str(path), split="train")
+    columns = set(rows[0].record) if rows else set()
+    missing = [f for f in REQUIRED_FIELDS if f not in columns]
+    if rows and missing:
+        raise DataError(
+            f"{path} has no {' or '.join(f'`{m}`' for m in missing)} column (its columns: {', '.join(sorted(columns))}); "
+            "the fields are instruction, input (optional) and output"
+        )
+    return rows
+
+
+def _read_with_datasets(name: str, **kwargs: Any) -> list[Row]:
+    import datasets
+
+    if name == "csv":
+        kwargs["keep_default_na"] = False  # an empty `input` cell is "", not NaN
+        kwargs["encoding"] = "utf-8-sig"  # a byte-order mark is not part of the first column's name
+    try:
+        table = datasets.load_dataset(name, **kwargs)
+    except Exception as err:  # the Hub, a parser or the network: say which source failed
+        raise DataError(f"could not load dataset {kwargs.get('data_files', name)!r}: {err}") from err
+    return [Row(index=i, record=record) for i, record in enumerate(table)]
+
+
+# --------------------------------------------------------------------------------------------
+# Checking
+# --------------------------------------------------------------------------------------------
+
+
+def problem_with(row: Row) -> tuple[str, str] | None:
+    """(reason, detail) for a row that cannot be trained on, or None."""
+    if row.unreadable:
+        return "unreadable line", row.unreadable
+    record = row.record
+    if not isinstance(record, dict):
+        return "not an object", f"expected an object with instruction/input/output, got {type(record).__name__}"
+    for key in REQUIRED_FIELDS:
+        if key not in record or record[key] is None:
+            return f"missing {key}", f"no `{key}` field"
+        if not isinstance(record[key], str):
+            return f"{key} not a string", f"`{key}` is {type(record[key]).__name__}, not a string"
+        if not record[key].strip():
+            return f"empty {key}", f"`{key}` is empty"
+    if record.get("input") is not None and not isinstance(record["input"], str):
+        return "input not a string", f"`input` is {type(record['input']).__name__}, not a string"
+    return None
+
+
+def to_examples(rows: list[Row], drop_invalid: bool, source: str) -> tuple[list[dict[str, str]], list[Invalid]]:
+    """Prompt/completion pairs of the valid rows (with where each came from), and the invalid rows.
+    Unless drop_invalid, any invalid row raises one DataError naming each of them."""
+    examples, invalid = [], []
+    for row in rows:
+        problem = problem_with(row)
+        if problem:
+            invalid.append(Invalid(row, *problem))
+            continue
+        record = row.record
+        prompt = render_prompt(record["instruction"], record.get("input") or "")
+        examples.append({"prompt": prompt, "completion": record["output"], "where": row.where})
+    if invalid and not drop_invalid:
+        named = [f"  {bad.row.where}: {bad.detail}" for bad in invalid[:MAX_ROWS_NAMED]]
+        if len(invalid) > MAX_ROWS_NAMED:
+            named.append(f"  ... and {len(invalid) - MAX_ROWS_NAMED} more")
+        counts = Counter(bad.reason for bad in invalid)
+        raise DataError(
+            f"{len(invalid)} of {len(rows)} rows in {source} cannot be trained on "
+            f"({', '.join(f'{n} {r}' for r, n in sorted(counts.items()))}):\n"
+            + "\n".join(named)
+            + "\nFix these rows, or set `drop_invalid_rows: true` to drop them and count them."
+        )
+    return examples, invalid

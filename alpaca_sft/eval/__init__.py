@@ -1,0 +1,1 @@
+"""Prompts, greedy generation, scores and the comparison report."""

@@ -1,0 +1,54 @@
+"""The merged model's card, through huggingface_hub's ModelCard: metadata the Hub reads (base model,
+data set, license, the comparison's numbers as eval results) and a body that says how it was made."""
+
+from __future__ import annotations
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..eval.report import METRICS, summary_table
+from ..train.run_record import RunRecord
+
+RECIPE_KEYS = ("model_name_or_path", "dataset_name", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+               "load_in_4bit", "max_length", "packing", "num_train_epochs", "learning_rate",
+               "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "seed")
+TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
+
+
+def model_card(base: str, record: RunRecord | None, scores: dict, prompts_file: str, model_name: str) -> ModelCard:
+    recipe, summary = (record.config, record.summary) if record else ({}, {})
+    dataset = recipe.get("dataset_name", "tatsu-lab/alpaca")
+    alpaca = dataset == "tatsu-lab/alpaca"
+    tuned = scores.get("tuned", {})
+    results = [
+        EvalResult(task_type="text-generation", dataset_type="json", dataset_name=prompts_file, metric_type=key,
+                   metric_name=label, metric_value=round(tuned[key], 4))
+        for key, label, _ in METRICS if tuned.get(key) is not None and key != "seconds_per_prompt"
+    ]
+    data = ModelCardData(base_model=base, datasets=[dataset], license="cc-by-nc-4.0" if alpaca else "other",
+                         library_name="transformers", tags=["sft", "trl", "peft", "lora", "alpaca"],
+                         model_name=model_name, eval_results=results or None)
+    adapter = "QLoRA" if recipe.get("load_in_4bit") else "LoRA"
+    lines = [
+        f"# {base.split('/')[-1]} instruction-tuned on {dataset}", "",
+        f"`{base}` with a {adapter} adapter trained by TRL's SFTTrainer on Alpaca-formatted instructions "
+        "(completion-only loss: the response and its EOS), then merged into the full-precision base weights.", "",
+        "## Data and license", "",
+        f"Trained on `{dataset}`." + (" The Alpaca data set is CC BY-NC 4.0: this model is for non-commercial use." if alpaca else ""),
+        "", "## Prompt", "",
+        "The Stanford Alpaca template, ending in `### Response:\\n`; the model answers and emits `</s>`.", "",
+    ]
+    if recipe:
+        lines += ["## Recipe", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | `{recipe[k]}` |" for k in RECIPE_KEYS if k in recipe] + [""]
+    if summary:
+        data_report = summary.get("data", {})
+        rate = (summary.get("tokens_per_second") or {}).get("mean_over_run")
+        lines += ["## Training", "",
+                  f"- examples: {data_report.get('rows_kept')} kept of {data_report.get('rows_read')} read; "
+                  f"{data_report.get('trained_tokens')} trained tokens of {data_report.get('total_tokens')}",
+                  f"- steps: {summary.get('global_step')}, loss {summary.get('first_loss')} -> {summary.get('last_loss')}",
+                  f"- throughput: {rate:,.0f} tokens/s; peak GPU memory {summary.get('peak_gpu_memory_gib')} GiB"
+                  if rate else "- throughput: not recorded", ""]
+    if scores:
+        lines += [f"## Base vs tuned (greedy, same prompts: `{prompts_file}`)", "", summary_table(scores), ""]
+    return ModelCard.from_template(data, template_str=TEMPLATE, body="\n".join(lines))

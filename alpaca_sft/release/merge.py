@@ -1,0 +1,65 @@
+"""Merging a LoRA/QLoRA adapter into its base, and measuring that the merge is what was trained.
+
+An adapter is always merged into a full-precision (bf16/fp16/fp32) load of the base, never into
+4-bit weights: merging into NF4 would re-quantize the sum and lose what was learned (peft#2321).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..train.model import set_generation_ids
+
+
+def logits_on(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(texts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(**inputs).logits.float()
+    return logits[inputs["attention_mask"].bool()]
+
+
+def merge(base_model, adapter_dir: Path, tokenizer, probe_texts: list[str]):
+    """The merged model and the largest logit difference between base+adapter and merged on the
+    probe texts (the merge-equivalence check, on every run)."""
+    from peft import PeftModel
+
+    with_adapter = PeftModel.from_pretrained(base_model, str(adapter_dir))
+    before = logits_on(with_adapter, tokenizer, probe_texts)
+    merged = with_adapter.merge_and_unload()
+    after = logits_on(merged, tokenizer, probe_texts)
+    return merged, (before - after).abs().max().item()
+
+
+def quantized_gap(base: str, adapter_dir: Path, recorded: dict, tokenizer, probe_texts: list[str],
+                  merged_logits: torch.Tensor) -> dict:
+    """For a QLoRA adapter: how far the merged full-precision model is from what was trained, the
+    base quantized as the run recorded it (train_config.yaml, through TRL's own
+    get_quantization_config, as training did) plus the adapter."""
+    from dataclasses import fields
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from trl import ModelConfig, get_quantization_config
+
+    model_args = ModelConfig(**{f.name: recorded[f.name] for f in fields(ModelConfig) if f.name in recorded})
+    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
+    device_map = {"": 0} if torch.cuda.is_available() else None
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=get_quantization_config(model_args),
+                                                 dtype=dtype, device_map=device_map)
+    trained = logits_on(PeftModel.from_pretrained(model, str(adapter_dir)), tokenizer, probe_texts)
+    gap = (trained - merged_logits.to(trained.device)).abs()
+    agree = (trained.argmax(-1) == merged_logits.to(trained.device).argmax(-1)).float().mean().item()
+    return {"max_abs_logit_diff": gap.max().item(), "mean_abs_logit_diff": gap.mean().item(), "top1_agreement": agree}
+
+
+def save_merged(model, tokenizer, folder: Path) -> Path:
+    """safetensors shards (5 GB each: 3 for a bf16 7B), tokenizer, generation config with EOS:
+    reloads with AutoModelForCausalLM.from_pretrained(folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    set_generation_ids(model, tokenizer)
+    model.save_pretrained(folder, max_shard_size="5GB")
+    tokenizer.save_pretrained(folder)
+    return folder

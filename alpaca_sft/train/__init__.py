@@ -1,0 +1,1 @@
+"""Settings, the model, the run with its stops and its record."""

@@ -1,0 +1,144 @@
+"""A training run: the trainer exactly as train_sft.py (and the benchmarks) build it, the training
+itself with its stops, and the finished adapter, gathered whole and checked."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import torch
+from peft.helpers import disable_input_dtype_casting
+from safetensors.torch import load_file
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTTrainer, get_peft_config
+
+from ..data.sources import model_fingerprint
+from .attention import resolve_attention
+from .callbacks import GracefulStop, NonFiniteGuard, ProgressLine
+from .model import load_model
+from .run_record import peak_gpu_memory_per_process, run_summary, save_resolved_config, write_json
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped before its end; the message says what is on disk and what to do."""
+
+
+class IncompleteAdapterError(RuntimeError):
+    """The adapter on disk is not what was trained: a tensor missing, cut to one process's shard, or different."""
+
+
+def build_trainer(training_args, model_args, tokenizer, dataset) -> SFTTrainer:
+    """The model and SFTTrainer as train_sft.py trains them, its console line and stops included."""
+    attn_implementation = resolve_attention(model_args.attn_implementation, training_args.packing)
+    trainer = SFTTrainer(
+        model=load_model(model_args, tokenizer, attn_implementation),
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=[ProgressLine(), GracefulStop(), NonFiniteGuard()],
+    )
+    for printer in (ProgressCallback, PrinterCallback):  # ProgressLine is the console's one line per log
+        trainer.remove_callback(printer)
+    return trainer
+
+
+def train(trainer, script_args, model_args, data_report, started: float) -> Path:
+    """Train, then save the adapter and the run's record; returns output_dir. Raises TrainingStopped
+    for a run that did not finish, after saving what it could (SystemExit on a signal)."""
+    args = trainer.args
+    output_dir = Path(args.output_dir)
+    if trainer.accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(output_dir / "train_config.yaml", script_args, args, model_args)
+    # PEFT keeps LoRA weights in fp32 and upcasts each adapted layer's bf16 input to match; under
+    # bf16 autocast the matmul then runs in bf16 anyway, so the upcast only adds an fp32 copy and a
+    # bf16 re-cast, saved for backward, of every adapted input. Same gradients, less memory traffic.
+    with disable_input_dtype_casting(trainer.model, active=args.bf16 or args.fp16):
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+
+    stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GracefulStop))
+    guard = next(c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteGuard))
+    status, failure = "completed", None
+    if guard.tripped_at is not None:
+        status = f"stopped: non-finite loss or weights at step {guard.tripped_at}"
+    elif stop.stopped_at is not None:
+        status = f"stopped: {signal.Signals(stop.received).name} at step {stop.stopped_at}"
+    else:
+        try:
+            save_adapter(trainer.accelerator.unwrap_model(trainer.model), output_dir, trainer.processing_class,
+                         trainer.accelerator.is_main_process)
+        except IncompleteAdapterError as err:
+            status, failure = f"failed: {err}", err
+    trainer.save_state()  # trainer_state.json: the whole log history, every logged loss with its step
+    peaks = peak_gpu_memory_per_process()  # a collective: every process takes part
+    if trainer.accelerator.is_main_process:
+        summary = run_summary(
+            trainer, data_report, started, status,
+            peak_gpu_memory_gib=max(peaks) if peaks else None, peak_gpu_memory_gib_per_process=peaks,
+            attn_implementation=trainer.model.config._attn_implementation,
+            base_model=model_args.model_name_or_path,
+            base_fingerprint=model_fingerprint(model_args.model_name_or_path, model_args.model_revision),
+        )
+        write_json(output_dir / "run_summary.json", summary)
+    trainer.accelerator.wait_for_everyone()
+
+    last_good = get_last_checkpoint(str(output_dir))
+    if failure is not None:
+        raise TrainingStopped(f"{failure}\nThe checkpoints in {output_dir} hold the training state; resume from the last one.")
+    if guard.tripped_at is not None:
+        raise TrainingStopped(
+            f"the loss or a trainable weight became NaN/inf at step {guard.tripped_at}; nothing was saved after "
+            f"it. Last good checkpoint: {last_good or 'none'}. Lower the learning rate or check the data, then "
+            "resume from that checkpoint (--resume_from_checkpoint <path>) or start again."
+        )
+    if stop.stopped_at is not None:
+        if trainer.accelerator.is_main_process:
+            print(f"{status}; checkpoint saved to {last_good}. "
+                  "Run the same command with --resume_from_checkpoint true to continue from there.")
+        raise SystemExit(128 + stop.received)
+    return output_dir
+
+
+def save_adapter(model, output_dir: Path, tokenizer, is_main_process: bool) -> None:
+    """Write the trained adapter whole, whatever launched the run, and prove it by reading it back.
+
+    Under DDP every process holds the whole adapter, but under FSDP each holds a slice of every LoRA
+    tensor, and transformers' Trainer.save_model writes nothing at all with FSDP's sharded state
+    dict. torch's get_model_state_dict gathers the trainable tensors at full shape onto the main
+    process (a collective: every process must call this), and PEFT writes them in its own format.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    trained = get_model_state_dict(model, options=options)
+    if is_main_process:
+        model.save_pretrained(output_dir, state_dict=trained)
+        tokenizer.save_pretrained(output_dir)
+        model.generation_config.save_pretrained(output_dir)
+        check_adapter(output_dir, model, trained)
+
+
+def check_adapter(output_dir: Path, model, trained: dict[str, torch.Tensor]) -> None:
+    """The adapter file holds every trainable tensor of `model`, each at its full (unsharded)
+    shape and equal to `trained`; otherwise IncompleteAdapterError names what is wrong."""
+    from peft import get_peft_model_state_dict
+
+    # PEFT's own key mapping, applied to the full shapes (a DTensor's .shape is the global one).
+    shapes = {name: torch.empty(p.shape, device="meta") for name, p in model.named_parameters() if p.requires_grad}
+    expected = get_peft_model_state_dict(model, state_dict=shapes)
+    values = get_peft_model_state_dict(model, state_dict=trained)
+    path = Path(output_dir) / "adapter_model.safetensors"
+    saved = load_file(path) if path.is_file() else {}
+    problems = [f"{key}: missing" for key in expected if key not in saved]
+    problems += [f"{key}: not a trained tensor" for key in saved if key not in expected]
+    for key, shape in ((k, tuple(v.shape)) for k, v in expected.items() if k in saved):
+        if tuple(saved[key].shape) != shape:
+            problems.append(f"{key}: shape {list(saved[key].shape)}, the trained tensor is {list(shape)}")
+        elif not torch.equal(saved[key], values[key].to(saved[key].dtype)):
+            problems.append(f"{key}: differs from the trained tensor")
+    if problems:
+        shown = "\n".join(f"  {p}" for p in problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise IncompleteAdapterError(f"the adapter saved to {path} is not what was trained:\n{shown}")
+

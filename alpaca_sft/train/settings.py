@@ -1,0 +1,165 @@
+"""The project's own settings, parsed by TrlParser beside TRL's SFTConfig and ModelConfig; the checks
+that refuse bad settings before any weights load; and what the pipeline sets on top of a recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..data.records import LOCAL_SUFFIXES
+from ..data.sources import dataset_problem, model_problem
+from .run_record import holds_a_run
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work; the message says what to change."""
+
+
+@dataclass
+class ScriptArguments:
+    dataset_name: str = field(
+        default="tatsu-lab/alpaca",
+        metadata={"help": "Hub dataset id, or a local .json/.jsonl/.parquet/.csv with instruction/input/output."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on (Hub datasets)."})
+    drop_invalid_rows: bool = field(
+        default=False,
+        metadata={"help": "Drop rows that cannot be trained on and count them, instead of failing on them."},
+    )
+    overlong_policy: str = field(
+        default="drop",
+        metadata={"help": "Examples longer than max_length: 'drop' (and count) or 'error'. Never cut."},
+    )
+    max_train_rows: int | None = field(default=None, metadata={"help": "Use only the first N rows (smoke runs)."})
+    preview: int = field(
+        default=0,
+        metadata={"help": "Print N examples with the trained span marked, write preview.jsonl, load no model, exit."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow training into an output_dir that already holds another run."}
+    )
+
+
+def parse_settings(argv: list[str] | None = None):
+    """(ScriptArguments, SFTConfig, ModelConfig) from --config YAML and the command line, which
+    overrides it; an unknown key or flag, or a value of the wrong type, is a SettingsError."""
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig))
+
+    def refuse(message: str):  # argparse's own errors would print the usage of some 200 settings first
+        raise SettingsError(f"{message} (train_sft.py --help lists every setting)")
+
+    parser.error = refuse
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
+
+
+def resume_target(training_args) -> str | None:
+    """The checkpoint to resume from: resume_from_checkpoint is a path, or "true" for the newest
+    checkpoint-* in output_dir (the command line hands the flag over as a string)."""
+    resume = training_args.resume_from_checkpoint
+    if resume in (None, False) or str(resume).lower() == "false":
+        return None
+    if resume is True or str(resume).lower() == "true":
+        folder = Path(training_args.output_dir)
+        latest = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        if latest is None:
+            raise SettingsError(f"resume_from_checkpoint: no checkpoint-* in {folder} to resume from")
+        return latest
+    if not Path(resume).is_dir():
+        raise SettingsError(f"resume_from_checkpoint={resume}: no such checkpoint folder")
+    return str(resume)
+
+
+def check_settings(script_args: ScriptArguments, training_args, model_args) -> None:
+    """Every setting that can be checked without weights, at once: one SettingsError listing each
+    problem and its fix. Changes nothing."""
+    from accelerate import PartialState
+
+    problems = []
+
+    def check(bad: bool, message: str) -> None:
+        if bad:
+            problems.append(message)
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    check(world_size > PartialState().num_processes,
+          f"{world_size} processes were launched but not joined into one group, so each would train alone; "
+          "on a machine without a GPU add --use_cpu true")
+    try:
+        resume = resume_target(training_args)
+    except SettingsError as err:
+        problems.append(str(err))
+        resume = None
+
+    if not model_args.model_name_or_path:
+        problems.append("model_name_or_path is not set: give a Hub id or a local model folder")
+    else:
+        check(bool(problem := model_problem(model_args.model_name_or_path, model_args.model_revision)), f"model: {problem}")
+    source = Path(script_args.dataset_name)
+    check(source.suffix in LOCAL_SUFFIXES and not source.is_file(), f"dataset_name={script_args.dataset_name}: no such file")
+    if source.suffix not in LOCAL_SUFFIXES:
+        check(bool(problem := dataset_problem(script_args.dataset_name)), f"dataset: {problem}")
+
+    check(training_args.max_length is not None and training_args.max_length <= 0,
+          f"max_length={training_args.max_length}: must be a positive number of tokens")
+    check(script_args.overlong_policy not in ("drop", "error"), f"overlong_policy={script_args.overlong_policy!r}: use 'drop' or 'error'")
+    check(script_args.preview < 0, f"preview={script_args.preview}: must be >= 0")
+    check(training_args.max_steps <= 0 and training_args.num_train_epochs <= 0,
+          f"num_train_epochs={training_args.num_train_epochs} and no max_steps: nothing would be trained; "
+          "set num_train_epochs > 0 or max_steps > 0")
+    check(training_args.learning_rate <= 0, f"learning_rate={training_args.learning_rate}: must be > 0")
+    check(training_args.per_device_train_batch_size <= 0,
+          f"per_device_train_batch_size={training_args.per_device_train_batch_size}: must be >= 1")
+    check(training_args.gradient_accumulation_steps <= 0,
+          f"gradient_accumulation_steps={training_args.gradient_accumulation_steps}: must be >= 1")
+
+    check(model_args.use_peft and model_args.lora_r <= 0, f"lora_r={model_args.lora_r}: the LoRA rank must be > 0")
+    check(model_args.use_peft and model_args.lora_alpha <= 0, f"lora_alpha={model_args.lora_alpha}: must be > 0")
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    check(model_args.load_in_4bit and model_args.load_in_8bit, "load_in_4bit and load_in_8bit are both set: pick one")
+    check(quantized and not importlib.util.find_spec("bitsandbytes"), "load_in_4bit/load_in_8bit need bitsandbytes: pip install bitsandbytes")
+    check(quantized and not model_args.use_peft, "a quantized base can only be trained through adapters: set use_peft: true")
+    check(model_args.load_in_4bit and not torch.cuda.is_available() and not training_args.use_cpu,
+          "load_in_4bit without a CUDA GPU: bitsandbytes runs NF4 on the CPU ~100x slower; "
+          "set use_cpu: true if that is really what you want")
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    check(fsdp and model_args.load_in_4bit and model_args.bnb_4bit_quant_storage not in ("bfloat16", "float16", "float32"),
+          "FSDP with a 4-bit base: FSDP shards only floating-point tensors, so store the 4-bit weights in one: "
+          "add --bnb_4bit_quant_storage bfloat16")
+    check(training_args.use_liger_kernel and not importlib.util.find_spec("liger_kernel"),
+          "use_liger_kernel needs liger-kernel: pip install liger-kernel (or set it false)")
+
+    output_dir = Path(training_args.output_dir)
+    check(output_dir.exists() and not output_dir.is_dir(), f"output_dir={output_dir} is a file; give a folder")
+    check(holds_a_run(output_dir) and not (script_args.overwrite_output_dir or resume or script_args.preview),
+          f"output_dir={output_dir} already holds a run: pass --resume_from_checkpoint true to continue it, "
+          "--overwrite_output_dir true to replace it, or another --output_dir")
+    if problems:
+        raise SettingsError("bad settings:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def apply_pipeline_settings(training_args) -> None:
+    """What this pipeline sets on top of any recipe, once the settings are checked."""
+    training_args.resume_from_checkpoint = resume_target(training_args)
+    if training_args.hub_token:  # kept out of every saved config and log; huggingface_hub reads HF_TOKEN
+        os.environ["HF_TOKEN"], training_args.hub_token = training_args.hub_token, None
+    training_args.logging_nan_inf_filter = False  # a NaN loss must show, not be averaged away
+    # The Trainer's own token counter is what a checkpoint keeps: the run's record spans a resume.
+    if training_args.include_num_input_tokens_seen in ("no", False):
+        training_args.include_num_input_tokens_seen = True  # all tokens: packed rows are padding-free
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # nothing to pin for: it would only warn
+    if training_args.torch_compile:
+        # Compile one decoder layer and reuse it for all 32 (accelerate's regional compilation), for
+        # packed batches whose length changes every step (dynamic shapes): ~1 min, not ~32 or one per step.
+        os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
+        os.environ.setdefault("ACCELERATE_DYNAMO_USE_DYNAMIC", "true")
