@@ -47,7 +47,7 @@ class DataReport:
 
     def summary(self) -> str:
         dropped = "; ".join(
-            f"{n} {why} ({', '.join(self.dropped_rows.get(why, []))}{', ...' if n > len(self.dropped_rows.get(why, [])) else ''})"
+            f"{n} {why} ({'; '.join(self.dropped_rows.get(why, []))}{'; ...' if n > len(self.dropped_rows.get(why, [])) else ''})"
             for why, n in sorted(self.dropped.items())
         ) or "none"
         t = self.tokens_per_example
@@ -100,7 +100,7 @@ def build_dataset(
                 "Raise max_length, or set `overlong_policy: drop` to drop and count them."
             )
         else:
-            report.drop(too_long, f"{example['where']}, {len(row['input_ids'])} tokens")
+            report.drop(too_long, f"{example['where']}: {len(row['input_ids'])} tokens")
     if not kept:
         raise DataError(f"no trainable examples left in {source}: {report.summary()}")
 
