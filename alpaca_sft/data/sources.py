@@ -41,7 +41,7 @@ def hub_problem(repo_id: str, repo_type: str, revision: str | None = None) -> st
     if constants.HF_HUB_OFFLINE or (repo_type == "dataset" and os.environ.get("HF_DATASETS_OFFLINE") == "1"):
         if _in_hub_cache(repo_id, repo_type):
             return None
-        return f"{repo_id}: not a local folder, and not in the local Hub cache (HF_HUB_OFFLINE is set)"
+        return f"{repo_id}: no such local folder, and not in the local Hub cache (HF_HUB_OFFLINE is set)"
     info = HfApi().model_info if repo_type == "model" else HfApi().dataset_info
     try:
         info(repo_id, revision=revision, timeout=10)
@@ -52,7 +52,7 @@ def hub_problem(repo_id: str, repo_type: str, revision: str | None = None) -> st
     except Exception as err:  # no network, DNS, proxy, timeout: all mean "cannot reach the Hub"
         if _in_hub_cache(repo_id, repo_type):
             return None  # the loaders fall back to the cached copy
-        return f"{repo_id} is not a local folder, and the Hub cannot be reached to fetch it ({type(err).__name__}); {OFFLINE_HINT}"
+        return f"{repo_id}: no such local folder, and the Hub cannot be reached to fetch it ({type(err).__name__}); {OFFLINE_HINT}"
     return None
 
 
@@ -67,7 +67,7 @@ def model_problem(name: str, revision: str | None = None) -> str | None:
         return f"{name} is a file; give a model folder or a Hub id"
     hint = "; build the tiny CPU model with: python tools/random_model.py build/tiny-mistral" if "tiny-mistral" in name else ""
     if _looks_local(name):
-        return f"model folder {name} does not exist{hint}"
+        return f"model folder {name} does not exist{hint}"  # else it may be a Hub id: its message says both
     problem = hub_problem(name, "model", revision)
     return problem + hint if problem else None
 
