@@ -58,7 +58,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
             print(f"{preview(dataset, tokenizer, script_args.preview, path)}\nwrote {path}")
         return None
 
-    trainer = build_trainer(training_args, model_args, tokenizer, dataset)
+    trainer = build_trainer(script_args, training_args, model_args, tokenizer, dataset)
     output_dir = train(trainer, script_args, model_args, report, started)
     if state.is_main_process:
         print(f"done: the adapter is in {output_dir} (run_summary.json says how the run went). Compare it with the base:\n"

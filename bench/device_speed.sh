@@ -4,11 +4,12 @@
 # defaults) and then bench/step_breakdown.py (levers and a profile of one micro-batch).
 #   bash bench/device_speed.sh        (run from the repository root; writes to $OUT)
 #   CONFIGS="lora-recipe lora-sdpa" BREAKDOWN=no bash bench/device_speed.sh     (some of speed.py's configs only)
+#   TIMEOUT=300 ...                                                          (seconds per run; default 150)
 set -uo pipefail
 out=${OUT:-/tmp/out}; work=/tmp/smoke; mkdir -p "$out" "$work"
 WORK=$work bash bench/inputs.sh
 python bench/speed.py --model "$work/mistral-7b" --data "$work/alpaca.jsonl" --steps 10 --rows 6000 \
-  --baseline_steps 20 --timeout 150 --work /tmp/speed --out "$out/speed.md" ${CONFIGS:+--configs $CONFIGS}
+  --baseline_steps 20 --timeout ${TIMEOUT:-150} --work /tmp/speed --out "$out/speed.md" ${CONFIGS:+--configs $CONFIGS}
 for log in /tmp/speed/*.log; do grep -qiE "error|traceback" "$log" && { echo "== $log"; tail -6 "$log"; }; done
 echo "speed.py done after ${SECONDS} s"
 [ "${BREAKDOWN:-yes}" = no ] && exit 0

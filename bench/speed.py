@@ -24,12 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sf
 import torch
 import yaml
 
-CONFIGS = {  # name: (recipe, flags on top of it); "trl-defaults" is bench/trl_defaults.py. Run in this order.
+CONFIGS = {  # name: (recipe, flags on top of it); "trl-*" are bench/trl_peers.py's peers. Run in this order.
     "lora-recipe": ("recipes/mistral-7b-lora.yaml", []),
+    "lora-peft-forward": ("recipes/mistral-7b-lora.yaml", ["--fused_lora", "false"]),
     # the attention A/B: transformers' own kernels, each given TRL's packed position_ids
     "lora-transformers-flex": ("recipes/mistral-7b-lora.yaml", ["--attn_implementation", "flex_attention"]),
     "lora-sdpa": ("recipes/mistral-7b-lora.yaml", ["--attn_implementation", "sdpa"]),
-    "trl-defaults": (None, []),
+    # the decoder layers compiled by Inductor (regional, dynamic shapes) instead of Liger's kernels
+    "lora-compiled": ("recipes/mistral-7b-lora.yaml", ["--use_liger_kernel", "false", "--torch_compile", "true"]),
+    "trl-defaults": ("defaults", []),
+    "trl-tuned": ("tuned", []),
     "qlora-recipe": ("recipes/mistral-7b-qlora.yaml", []),
     "qlora-24gb-recipe": ("recipes/mistral-7b-qlora-24gb.yaml", []),
 }
@@ -60,9 +64,11 @@ def linear_weights(model_dir: str) -> int:
 
 
 def run_config(name, recipe, flags, args, work: Path) -> dict:
-    if recipe is None:
-        command = [sys.executable, "bench/trl_defaults.py", "--model", args.model, "--data", args.data,
-                   "--steps", str(args.baseline_steps), "--rows", str(args.rows or 2000), "--out", str(work / f"{name}.json")]
+    peer = recipe in ("defaults", "tuned")
+    if peer:
+        steps = args.baseline_steps if recipe == "defaults" else args.steps * 3  # 4 rows per step, not 18
+        command = [sys.executable, "bench/trl_peers.py", "--peer", recipe, "--model", args.model, "--data", args.data,
+                   "--steps", str(steps), "--rows", str(args.rows or 2000), "--out", str(work / f"{name}.json")]
     else:
         cpu = [] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false"]
         rows = ["--max_train_rows", str(args.rows)] if args.rows else []
@@ -78,7 +84,7 @@ def run_config(name, recipe, flags, args, work: Path) -> dict:
         return {"status": f"timed out after {args.timeout} s"}
     if result.returncode != 0:
         return {"status": f"failed: {log.read_text().strip().splitlines()[-1][:120]}"}
-    if recipe is None:
+    if recipe in ("defaults", "tuned"):
         return json.loads((work / f"{name}.json").read_text())
     summary = json.loads((work / name / "run_summary.json").read_text())
     summary["gradient_checkpointing"] = yaml.safe_load((work / name / "train_config.yaml").read_text())["gradient_checkpointing"]
@@ -93,27 +99,43 @@ def epoch_tokens(model: str, data: str) -> int:
     return build_dataset(data, load_tokenizer(model), max_length=2048)[1].total_tokens
 
 
+def card_peak_tflops(device: str) -> float | None:
+    """The card's dense bf16 peak from its data sheet (no sparsity)."""
+    if "H100" in device and "PCIe" in device:
+        return 756.0
+    return 989.4 if ("H100" in device or "H200" in device) else None
+
+
 def table(runs: dict, args, tflops, weights: int, tokens: int) -> str:
-    base_rate = (runs.get("trl-defaults", {}).get("tokens_per_second") or {}).get("last_logged")
+    def rate_of(name):
+        return (runs.get(name, {}).get("tokens_per_second") or {}).get("last_logged")
+
+    defaults_rate, tuned_rate = rate_of("trl-defaults"), rate_of("trl-tuned")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    lines = [f"{time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, bf16 matmul {tflops or 0:.0f} TFLOP/s, "
-             f"{weights / 1e9:.2f} B linear weights, {tokens:,} tokens per epoch, {args.steps} steps per run",
+    peak = card_peak_tflops(device)
+    lines = [f"{time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, bf16 matmul measured {tflops or 0:.0f} "
+             f"TFLOP/s (card peak {peak or 0:.0f}), {weights / 1e9:.2f} B linear weights, {tokens:,} tokens per epoch, "
+             f"{args.steps} steps per run",
              f"`python bench/speed.py --steps {args.steps}{f' --rows {args.rows}' if args.rows else ''} "
              f"--baseline_steps {args.baseline_steps} --configs {' '.join(args.configs)}`", "",
-             "| run | tokens/s | x TRL defaults | MFU | peak GiB | min/epoch | start-up s | min/epoch with start-up |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | tokens/s | x TRL defaults | x TRL tuned | MFU (measured matmul) | MFU (card peak) | peak GiB | "
+             "min/epoch | start-up s | min/epoch with start-up |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, run in runs.items():
-        rate = (run.get("tokens_per_second") or {}).get("last_logged")
+        rate = rate_of(name)
         if not rate:
-            lines.append(f"| {name} | {run.get('status')} | | | | | | |")
+            lines.append(f"| {name} | {run.get('status')} | | | | | | | | |")
             continue
         flops = (6 if run.get("gradient_checkpointing") else 4) * weights * rate / 1e12
-        mfu = f"{flops / tflops:.0%}" if tflops else "n/a"
-        ratio = f"{rate / base_rate:.1f}x" if base_rate else "n/a"
+
+        def share(numerator, denominator, spec, unit=""):
+            return format(numerator / denominator, spec) + unit if denominator else "n/a"
+
         minutes = tokens / rate / 60
         # Start-up: the run's wall time that its steady rate does not explain (loading, compiling, warm-up).
         startup = run["wall_time_s"] - run["tokens_seen"] / rate
-        lines.append(f"| {name} | {rate:,.0f} | {ratio} | {mfu} | {run.get('peak_gpu_memory_gib') or 0:.1f} | "
+        lines.append(f"| {name} | {rate:,.0f} | {share(rate, defaults_rate, '.2f', 'x')} | {share(rate, tuned_rate, '.2f', 'x')} | "
+                     f"{share(flops, tflops, '.0%')} | {share(flops, peak, '.0%')} | {run.get('peak_gpu_memory_gib') or 0:.1f} | "
                      f"{minutes:.1f} | {startup:.0f} | {minutes + startup / 60:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -124,7 +146,7 @@ def main():
     parser.add_argument("--data", required=True)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run; the last quarter is measured")
     parser.add_argument("--rows", type=int, help="train on the first ROWS records only (enough for --steps; faster start)")
-    parser.add_argument("--baseline_steps", type=int, default=30, help="steps of trl-defaults (8 short examples each)")
+    parser.add_argument("--baseline_steps", type=int, default=30, help="steps of trl-defaults (8 short examples each); trl-tuned runs 3x --steps")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--timeout", type=int, default=300, help="seconds per run")
     parser.add_argument("--work", type=Path, default=Path("/tmp/speed"))

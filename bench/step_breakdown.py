@@ -49,13 +49,13 @@ def build_trainer(args):
     """The trainer train_sft.py builds from the recipe, with Liger's kernels applied as
     Trainer.train() applies them when it starts (this script never calls train())."""
     cpu = [] if GPU else ["--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false"]
-    _, training_args, model_args = parse_settings(
+    script_args, training_args, model_args = parse_settings(
         ["--config", args.config, "--model_name_or_path", args.model, "--dataset_name", args.data,
          "--output_dir", str(args.work), "--report_to", "none", *cpu]
     )
     tokenizer = load_tokenizer(args.model)
     dataset, _ = build_dataset(args.data, tokenizer, max_length=training_args.max_length, max_rows=args.rows)
-    trainer = build_training_trainer(training_args, model_args, tokenizer, dataset)
+    trainer = build_training_trainer(script_args, training_args, model_args, tokenizer, dataset)
     if training_args.use_liger_kernel:
         from transformers.integrations.liger import apply_liger_kernel
 

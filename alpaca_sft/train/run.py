@@ -16,6 +16,7 @@ from trl import SFTTrainer, get_peft_config
 from ..data.sources import model_fingerprint
 from .attention import resolve_attention
 from .callbacks import GracefulStop, NonFiniteGuard, ProgressLine
+from .fused_lora import fuse_lora
 from .model import load_model
 from .run_record import peak_gpu_memory_per_process, run_summary, save_resolved_config, write_json
 
@@ -28,7 +29,7 @@ class IncompleteAdapterError(RuntimeError):
     """The adapter on disk is not what was trained: a tensor missing, cut to one process's shard, or different."""
 
 
-def build_trainer(training_args, model_args, tokenizer, dataset) -> SFTTrainer:
+def build_trainer(script_args, training_args, model_args, tokenizer, dataset) -> SFTTrainer:
     """The model and SFTTrainer as train_sft.py trains them, its console line and stops included."""
     attn_implementation = resolve_attention(model_args.attn_implementation, training_args.packing)
     trainer = SFTTrainer(
@@ -41,6 +42,8 @@ def build_trainer(training_args, model_args, tokenizer, dataset) -> SFTTrainer:
     )
     for printer in (ProgressCallback, PrinterCallback):  # ProgressLine is the console's one line per log
         trainer.remove_callback(printer)
+    if model_args.use_peft and script_args.fused_lora:
+        fuse_lora(trainer.model)
     return trainer
 
 

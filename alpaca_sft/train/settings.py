@@ -40,6 +40,11 @@ class ScriptArguments:
         default=0,
         metadata={"help": "Print N examples with the trained span marked, write preview.jsonl, load no model, exit."},
     )
+    fused_lora: bool = field(
+        default=True,
+        metadata={"help": "LoRA's scale and add folded into its GEMMs (same math as PEFT's forward, fewer passes); "
+                          "false runs PEFT's own forward."},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow training into an output_dir that already holds another run."}
     )

@@ -1,8 +1,14 @@
-"""The baseline a user would reach for instead: TRL's SFTTrainer with its default SFTConfig (batch 8,
-no packing, max_length 1024, gradient checkpointing) and PEFT LoRA r=16 on all linear layers, on
-the same model and Alpaca-format data. Writes a run_summary-like JSON for bench/summarize.py.
+"""What a user would reach for instead of this project, on the same model and Alpaca-format data, with
+PEFT LoRA r=16 on all linear layers; writes a run_summary-like JSON for bench/speed.py.
 
-    python bench/trl_defaults.py --model /tmp/smoke/mistral-7b --data /tmp/smoke/alpaca.jsonl --steps 30 --out trl.json
+- `--peer defaults`: TRL's SFTTrainer with its default SFTConfig (batch 8, no packing, max_length
+  1024, gradient checkpointing).
+- `--peer tuned`: the best a competent TRL user gets without this project: packing (best-fit
+  decreasing, padding-free) to 2048-token rows, transformers' own flex_attention (correct for packed
+  rows, ../shared/CONTEXT.md §1), Liger's kernels, no checkpointing, 4 rows per step (6 run out of
+  memory on an 80 GB card).
+
+    python bench/trl_peers.py --peer tuned --model /tmp/smoke/mistral-7b --data /tmp/smoke/alpaca.jsonl --steps 30 --out trl.json
 """
 
 import argparse
@@ -37,6 +43,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True, help="Alpaca JSONL (instruction/input/output)")
+    parser.add_argument("--peer", choices=("defaults", "tuned"), default="defaults")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rows", type=int, help="the first ROWS records only (TRL tokenizes every row before step 1)")
     parser.add_argument("--out", type=Path, required=True)
@@ -49,9 +56,13 @@ def main():
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     gpu = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if gpu else torch.float32)
+    tuned = args.peer == "tuned"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if gpu else torch.float32,
+                                                 attn_implementation="flex_attention" if tuned else None)
+    peer = dict(packing=True, max_length=2048, per_device_train_batch_size=4, gradient_checkpointing=False,
+                use_liger_kernel=gpu) if tuned else {}  # defaults: nothing set
     config = SFTConfig(output_dir=str(args.out.with_suffix("")), max_steps=args.steps, logging_steps=max(1, args.steps // 6),
-                       save_strategy="no", report_to="none", bf16=gpu, use_cpu=not gpu)  # everything else: defaults
+                       save_strategy="no", report_to="none", bf16=gpu, use_cpu=not gpu, **peer)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     meter = Throughput()
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,

@@ -1,0 +1,111 @@
+"""The fused LoRA forward computes PEFT's LoRA: same loss, same LoRA gradients, same input gradients;
+and layers it does not cover still run PEFT's own forward."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.helpers import disable_input_dtype_casting
+from transformers import AutoModelForCausalLM
+
+from alpaca_sft.train.fused_lora import fuse_lora
+
+
+def adapted(model_dir, dtype=torch.float32, **lora):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    # init_lora_weights=False: B random too, so that B's gradient and the LoRA term are not zero
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, **lora)
+    return get_peft_model(base, config)
+
+
+def loss_and_grads(model, input_ids):
+    model.zero_grad()
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+    loss = model(inputs_embeds=embeds, labels=input_ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, embeds.grad.clone()
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return torch.randint(0, 32000, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def test_fused_lora_matches_peft_in_fp32(tiny_model_dir, batch):
+    reference = adapted(tiny_model_dir)
+    fused = copy.deepcopy(reference)
+    assert fuse_lora(fused) == 2 * 7  # two layers, seven adapted linears each
+
+    loss_ref, grads_ref, input_grad_ref = loss_and_grads(reference, batch)
+    loss, grads, input_grad = loss_and_grads(fused, batch)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == grads_ref.keys() and any("lora_A" in n for n in grads) and any("lora_B" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(input_grad, input_grad_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_lora_matches_peft_in_bf16(tiny_model_dir, batch):
+    # The GPU recipe's numerics: bf16 base, fp32 LoRA weights, bf16 autocast. The fused path rounds
+    # once where PEFT rounds three times, so the two agree to bf16's precision, not bit for bit.
+    reference = adapted(tiny_model_dir, dtype=torch.bfloat16)  # PEFT keeps the LoRA weights fp32
+    fused = copy.deepcopy(reference)
+    fuse_lora(fused)
+    with torch.autocast("cpu", dtype=torch.bfloat16), disable_input_dtype_casting(reference):  # as train() runs it
+        loss_ref, grads_ref, _ = loss_and_grads(reference, batch)
+        loss, grads, _ = loss_and_grads(fused, batch)
+    assert abs(loss.item() - loss_ref.item()) / loss_ref.item() < 2e-3
+    for name in grads:
+        assert grads[name].dtype == grads_ref[name].dtype == torch.float32
+        assert cosine(grads[name], grads_ref[name]) > 0.999, name
+
+
+def test_uncovered_layers_keep_peft_forward(tiny_model_dir, batch):
+    model = adapted(tiny_model_dir, lora_dropout=0.5)
+    fuse_lora(model)
+    model.train()
+    torch.manual_seed(3)
+    first = model(input_ids=batch).logits
+    torch.manual_seed(3)
+    second = model(input_ids=batch).logits
+    torch.manual_seed(4)
+    third = model(input_ids=batch).logits
+    assert torch.equal(first, second) and not torch.equal(first, third)  # PEFT's dropout still applies
+
+    model.eval()  # no dropout: the LoRA term is there, and a disabled adapter removes it
+    with torch.no_grad():
+        tuned = model(input_ids=batch).logits
+        with model.disable_adapter():
+            base = model(input_ids=batch).logits
+        model.merge_adapter()
+        merged = model(input_ids=batch).logits
+    assert not torch.allclose(tuned, base, atol=1e-3)
+    torch.testing.assert_close(merged, tuned, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_lora_matches_peft_on_a_4bit_base(tiny_model_dir, batch):
+    # QLoRA's layer: the 4-bit base runs bitsandbytes' own kernels, only the LoRA term is fused.
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, quantization_config=quantization)
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    reference = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    fused = copy.deepcopy(reference)
+    assert fuse_lora(fused) == 14
+
+    loss_ref, grads_ref, input_grad_ref = loss_and_grads(reference, batch[:, :12])
+    loss, grads, input_grad = loss_and_grads(fused, batch[:, :12])
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5, msg=name)
+    torch.testing.assert_close(input_grad, input_grad_ref, rtol=1e-3, atol=1e-6)
