@@ -32,6 +32,7 @@ from trl import ModelConfig, SFTConfig
 
 from alpaca_sft.data.dataset import build_dataset, preview
 from alpaca_sft.data.records import DataError
+from alpaca_sft.data.split import split_validation
 from alpaca_sft.data.tokenizer import load_tokenizer
 from alpaca_sft.train.run import TrainingStopped, build_trainer, train
 from alpaca_sft.train.settings import (ScriptArguments, SettingsError, apply_pipeline_settings, check_settings,
@@ -44,12 +45,17 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     apply_pipeline_settings(training_args)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
+
+    def build(source, split="train", max_rows=None):
+        return build_dataset(source, tokenizer, split=split, max_length=training_args.max_length,
+                             drop_invalid_rows=script_args.drop_invalid_rows, overlong_policy=script_args.overlong_policy,
+                             max_rows=max_rows)
+
     with state.main_process_first():  # a Hub dataset is downloaded once
-        dataset, report = build_dataset(
-            script_args.dataset_name, tokenizer, split=script_args.dataset_split, max_length=training_args.max_length,
-            drop_invalid_rows=script_args.drop_invalid_rows, overlong_policy=script_args.overlong_policy,
-            max_rows=script_args.max_train_rows,
-        )
+        dataset, report = build(script_args.dataset_name, script_args.dataset_split, script_args.max_train_rows)
+        dataset, validation = split_validation(dataset, report, size=script_args.validation_size,
+                                               seed=script_args.validation_seed, file=script_args.validation_file,
+                                               build=build)
     if state.is_main_process:
         print(report.summary())
     if script_args.preview:
@@ -58,8 +64,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
             print(f"{preview(dataset, tokenizer, script_args.preview, path)}\nwrote {path}")
         return None
 
-    trainer = build_trainer(script_args, training_args, model_args, tokenizer, dataset)
-    output_dir = train(trainer, script_args, model_args, report, started)
+    trainer = build_trainer(script_args, training_args, model_args, tokenizer, dataset, validation)
+    output_dir = train(trainer, script_args, model_args, report, started, validation)
     if state.is_main_process:
         print(f"done: the adapter is in {output_dir} (run_summary.json says how the run went). Compare it with the base:\n"
               f"  python eval_compare.py --base {model_args.model_name_or_path} --tuned {output_dir}")

@@ -27,6 +27,12 @@ import yaml
 CONFIGS = {  # name: (recipe, flags on top of it); "trl-*" are bench/trl_peers.py's peers. Run in this order.
     "lora-recipe": ("recipes/mistral-7b-lora.yaml", []),
     "lora-peft-forward": ("recipes/mistral-7b-lora.yaml", ["--fused_lora", "false"]),
+    # validation's cost: none at all, and an evaluation every 5 steps (the recipe: every 50, and at start and end)
+    "lora-no-validation": ("recipes/mistral-7b-lora.yaml", ["--validation_size", "0", "--eval_strategy", "no",
+                                                            "--eval_on_start", "false", "--samples_at_end", "0"]),
+    "lora-eval-every-5": ("recipes/mistral-7b-lora.yaml", ["--eval_steps", "5"]),
+    # the same tokens per micro-batch in half as many rows of twice the length
+    "lora-4096": ("recipes/mistral-7b-lora.yaml", ["--max_length", "4096", "--per_device_train_batch_size", "3"]),
     # the attention A/B: transformers' own kernels, each given TRL's packed position_ids
     "lora-transformers-flex": ("recipes/mistral-7b-lora.yaml", ["--attn_implementation", "flex_attention"]),
     "lora-sdpa": ("recipes/mistral-7b-lora.yaml", ["--attn_implementation", "sdpa"]),
@@ -35,6 +41,7 @@ CONFIGS = {  # name: (recipe, flags on top of it); "trl-*" are bench/trl_peers.p
     "trl-defaults": ("defaults", []),
     "trl-tuned": ("tuned", []),
     "qlora-recipe": ("recipes/mistral-7b-qlora.yaml", []),
+    "qlora-peft-forward": ("recipes/mistral-7b-qlora.yaml", ["--fused_lora", "false"]),
     "qlora-24gb-recipe": ("recipes/mistral-7b-qlora-24gb.yaml", []),
 }
 
@@ -119,12 +126,12 @@ def table(runs: dict, args, tflops, weights: int, tokens: int) -> str:
              f"`python bench/speed.py --steps {args.steps}{f' --rows {args.rows}' if args.rows else ''} "
              f"--baseline_steps {args.baseline_steps} --configs {' '.join(args.configs)}`", "",
              "| run | tokens/s | x TRL defaults | x TRL tuned | MFU (measured matmul) | MFU (card peak) | peak GiB | "
-             "min/epoch | start-up s | min/epoch with start-up |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "min/epoch | start-up s | min/epoch with start-up | evaluations: count, s | samples at end s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name, run in runs.items():
         rate = rate_of(name)
         if not rate:
-            lines.append(f"| {name} | {run.get('status')} | | | | | | | | |")
+            lines.append(f"| {name} | {run.get('status')} | | | | | | | | | | |")
             continue
         flops = (6 if run.get("gradient_checkpointing") else 4) * weights * rate / 1e12
 
@@ -132,11 +139,15 @@ def table(runs: dict, args, tflops, weights: int, tokens: int) -> str:
             return format(numerator / denominator, spec) + unit if denominator else "n/a"
 
         minutes = tokens / rate / 60
-        # Start-up: the run's wall time that its steady rate does not explain (loading, compiling, warm-up).
+        evaluations = (run.get("validation") or {}).get("evaluations") or []
+        # Start-up: the run's wall time that its steady rate does not explain (loading, compiling, warm-up,
+        # and the evaluations and greedy samples, shown apart in the last two columns).
         startup = run["wall_time_s"] - run["tokens_seen"] / rate
         lines.append(f"| {name} | {rate:,.0f} | {share(rate, defaults_rate, '.2f', 'x')} | {share(rate, tuned_rate, '.2f', 'x')} | "
                      f"{share(flops, tflops, '.0%')} | {share(flops, peak, '.0%')} | {run.get('peak_gpu_memory_gib') or 0:.1f} | "
-                     f"{minutes:.1f} | {startup:.0f} | {minutes + startup / 60:.1f} |")
+                     f"{minutes:.1f} | {startup:.0f} | {minutes + startup / 60:.1f} | "
+                     f"{len(evaluations)}, {sum(e.get('seconds') or 0 for e in evaluations):.1f} | "
+                     f"{(run.get('samples_at_end') or {}).get('seconds', 0):.1f} |")
     return "\n".join(lines) + "\n"
 
 

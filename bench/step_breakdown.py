@@ -51,7 +51,9 @@ def build_trainer(args):
     cpu = [] if GPU else ["--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false"]
     script_args, training_args, model_args = parse_settings(
         ["--config", args.config, "--model_name_or_path", args.model, "--dataset_name", args.data,
-         "--output_dir", str(args.work), "--report_to", "none", *cpu]
+         "--output_dir", str(args.work), "--report_to", "none", *cpu,
+         # forward + backward of micro-batches only: no validation
+         "--validation_size", "0", "--eval_strategy", "no", "--eval_on_start", "false", "--samples_at_end", "0"]
     )
     tokenizer = load_tokenizer(args.model)
     dataset, _ = build_dataset(args.data, tokenizer, max_length=training_args.max_length, max_rows=args.rows)

@@ -35,10 +35,15 @@ def parse(*overrides, config=TINY):
     return parse_settings(["--config", str(config), *map(str, overrides)])
 
 
+# The tiny recipe validates on 4 held-out examples; most tests train on a few examples and need none
+# (tests/test_validation.py turns it back on). Later flags win, so a test's own overrides come last.
+NO_VALIDATION = ("--validation_size", 0, "--eval_strategy", "no", "--eval_on_start", "false", "--samples_at_end", 0)
+
+
 def train(model_dir, output_dir, *overrides):
     import train_sft
 
-    return train_sft.main(*parse("--model_name_or_path", model_dir, "--output_dir", output_dir, *overrides))
+    return train_sft.main(*parse("--model_name_or_path", model_dir, "--output_dir", output_dir, *NO_VALIDATION, *overrides))
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,11 @@ def test_quickstart_and_tiny_evaluation_run_as_written(tmp_path):
     assert [line.split(" |")[0] for line in training.stdout.splitlines() if line.startswith("step ")] == \
         ["step 1/40"] + [f"step {n}/40" for n in range(5, 41, 5)]
     assert "{'loss'" not in training.stdout + training.stderr
+    # Validation on the 4 held-out examples before the first step, every 10 steps and at the end: the
+    # stop metric (EOS top-1 where each held-out response ends) rises from the untuned model's 0.
+    evals = [line for line in training.stdout.splitlines() if line.startswith("eval at step")]
+    assert [line.split(" |")[0] for line in evals] == [f"eval at step {n}" for n in (0, 10, 20, 30, 40)]
+    assert "greedy answers to 2 validation prompts" in training.stdout
     for result in outputs:
         assert "Warning" not in result.stderr and "pip install kernels" not in result.stderr, result.stderr[-2000:]
     assert training.stdout.rstrip().endswith("python eval_compare.py --base build/tiny-mistral --tuned runs/tiny-cpu")
@@ -46,6 +51,9 @@ def test_quickstart_and_tiny_evaluation_run_as_written(tmp_path):
     assert "| answers that stop by EOS | 0% |" in (comparison / "comparison.md").read_text()
     # Fixed numbers at the recipe's seed: a silent change in templating, labels or packing moves them.
     summary = json.loads((run / "run_summary.json").read_text())
-    assert summary["data"]["trained_tokens"] == 314 and summary["tokens_seen"] == 34420
-    assert summary["first_loss"] == pytest.approx(11.8835, abs=2e-3)
-    assert summary["last_loss"] == pytest.approx(4.3266, abs=2e-3)
+    assert summary["data"]["trained_tokens"] == 314 and summary["tokens_seen"] == 28980
+    assert summary["first_loss"] == pytest.approx(11.9445, abs=2e-3)
+    assert summary["last_loss"] == pytest.approx(4.2225, abs=2e-3)
+    evaluations = summary["validation"]["evaluations"]
+    assert evaluations[0]["eos_top1"] == 0 and evaluations[0]["eos_prob"] < 1e-3
+    assert evaluations[-1]["eos_top1"] >= 0.25 and evaluations[-1]["eos_prob"] > 10 * evaluations[0]["eos_prob"]

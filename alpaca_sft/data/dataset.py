@@ -31,6 +31,7 @@ class DataReport:
     tokens_per_example: dict[str, float] = field(default_factory=dict)
     prompt_tokens: int = 0
     trained_tokens: int = 0
+    validation: dict[str, Any] | None = None  # data/split.py: where the validation examples came from
 
     @property
     def total_tokens(self) -> int:
@@ -57,7 +58,16 @@ class DataReport:
             + f"\ntokens per example: mean {t.get('mean', 0):.1f}, median {t.get('median', 0):.0f}, "
             f"max {t.get('max', 0):.0f}; {self.total_tokens:,} tokens in all = "
             f"{self.prompt_tokens:,} prompt (masked) + {self.trained_tokens:,} trained (response + EOS)"
+            + self._validation_line()
         )
+
+    def _validation_line(self) -> str:
+        v = self.validation
+        if not v:
+            return "\nvalidation: none (set validation_size or validation_file to watch the loss and the stop metric)"
+        seed = f", seed {v['seed']}" if "seed" in v else ""
+        return (f"\nvalidation: {v['examples']} examples {v['source']}{seed}; "
+                f"{v['also_in_training']} of them also in training; {v['train_examples']} examples to train on")
 
 
 def build_dataset(

@@ -48,7 +48,29 @@ def model_card(base: str, record: RunRecord | None, scores: dict, prompts_file: 
                   f"{data_report.get('trained_tokens')} trained tokens of {data_report.get('total_tokens')}",
                   f"- steps: {summary.get('global_step')}, loss {summary.get('first_loss')} -> {summary.get('last_loss')}",
                   f"- throughput: {rate:,.0f} tokens/s; peak GPU memory {summary.get('peak_gpu_memory_gib')} GiB"
-                  if rate else "- throughput: not recorded", ""]
+                  if rate else "- throughput: not recorded"]
+        lines += _validation_lines(summary) + [""]
     if scores:
         lines += [f"## Base vs tuned (greedy, same prompts: `{prompts_file}`)", "", summary_table(scores), ""]
     return ModelCard.from_template(data, template_str=TEMPLATE, body="\n".join(lines))
+
+
+def _validation_lines(summary: dict) -> list[str]:
+    """The validation loss and the stop metric (EOS top-1 and p(EOS) where validation responses end),
+    first and last evaluation, and the greedy answers after training."""
+    evaluations = (summary.get("validation") or {}).get("evaluations") or []
+    held = (summary.get("data") or {}).get("validation") or {}
+    lines = []
+    if evaluations:
+        first, last = evaluations[0], evaluations[-1]
+        lines.append(f"- validation ({held.get('examples', '?')} examples {held.get('source', '')}): loss "
+                     f"{first['loss']:.4f} at step {first['step']} -> {last['loss']:.4f} at step {last['step']}")
+        if last.get("eos_top1") is not None:
+            lines.append(f"- stop metric where validation responses end: EOS the most likely next token "
+                         f"{first['eos_top1']:.0%} -> {last['eos_top1']:.0%}, mean p(EOS) "
+                         f"{first['eos_prob']:.3f} -> {last['eos_prob']:.3f}")
+    samples = summary.get("samples_at_end")
+    if samples:
+        lines.append(f"- greedy answers to {samples['prompts']} validation prompts after training: "
+                     f"{samples['stopped_by_eos']} stopped by EOS, {samples['mean_new_tokens']:.1f} new tokens on average")
+    return lines

@@ -19,6 +19,7 @@ Batches that carry no boundaries (generation, unpacked training) go to SDPA unch
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -32,11 +33,19 @@ _compiled_flex = None
 _mask_cache: tuple | None = None  # (cu_seq_lens tensor, (sliding_window, dense), mask)
 
 
+def _uncompiled_flex(*args, **kwargs):
+    # On a CPU (tiny models, tests, the quickstart's validation) flex runs uncompiled on purpose:
+    # it materializes the scores, which is what a CPU can do anyway, and its warning says nothing
+    # a user could act on.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(*args, **kwargs)
+
+
 def _flex():
     global _compiled_flex
     if _compiled_flex is None:
-        # Uncompiled flex_attention materializes scores (fine on a CPU test model, slow at 7B).
-        _compiled_flex = torch.compile(flex_attention, dynamic=True) if torch.cuda.is_available() else flex_attention
+        _compiled_flex = torch.compile(flex_attention, dynamic=True) if torch.cuda.is_available() else _uncompiled_flex
     return _compiled_flex
 
 

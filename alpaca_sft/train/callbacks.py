@@ -1,5 +1,6 @@
-"""Trainer callbacks: one progress line with throughput, a stop on SIGTERM/Ctrl-C that keeps a
-resumable checkpoint, and a stop on a non-finite loss before it can overwrite a good checkpoint."""
+"""Trainer callbacks: one progress line with throughput (and one per evaluation), an evaluation
+after the last step, a stop on SIGTERM/Ctrl-C that keeps a resumable checkpoint, and a stop on a
+non-finite loss before it can overwrite a good checkpoint."""
 
 from __future__ import annotations
 
@@ -55,6 +56,28 @@ class ProgressLine(TrainerCallback):
             left = (now - self.start) / done * (state.max_steps - state.global_step) if done else 0.0
             print(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | {rate:,.0f} tokens/s | "
                   f"elapsed {_duration(now - self.start)} | left {_duration(left)}", flush=True)
+
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics = metrics or {}
+        if hasattr(self, "last_time"):  # during training (not a lone trainer.evaluate())
+            # The evaluation's time is not training's: the next window's tokens/s leaves it out.
+            self.last_time += metrics.get("eval_runtime", 0.0)
+        if state.is_world_process_zero and "eval_loss" in metrics:
+            stop = (f" | EOS top-1 at response ends {metrics['eval_eos_top1']:.1%} | p(EOS) {metrics['eval_eos_prob']:.3f}"
+                    if "eval_eos_top1" in metrics else "")
+            print(f"eval at step {state.global_step} | validation loss {metrics['eval_loss']:.4f}{stop} | "
+                  f"{metrics.get('eval_runtime', 0.0):.1f} s", flush=True)
+
+
+class EvaluateAtEnd(TrainerCallback):
+    """Evaluate after the last step too, whatever eval_strategy says (transformers 5.24 does it only
+    for eval_strategy "steps"), so that every finished run with validation data ends with its
+    validation loss and stop metric."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
 
 
 class GracefulStop(TrainerCallback):

@@ -15,10 +15,11 @@ from trl import SFTTrainer, get_peft_config
 
 from ..data.sources import model_fingerprint
 from .attention import resolve_attention
-from .callbacks import GracefulStop, NonFiniteGuard, ProgressLine
+from .callbacks import EvaluateAtEnd, GracefulStop, NonFiniteGuard, ProgressLine
 from .fused_lora import fuse_lora
 from .model import load_model
 from .run_record import peak_gpu_memory_per_process, run_summary, save_resolved_config, write_json
+from .validation import ValidatingSFTTrainer, samples_at_end, samples_text
 
 
 class TrainingStopped(RuntimeError):
@@ -29,16 +30,18 @@ class IncompleteAdapterError(RuntimeError):
     """The adapter on disk is not what was trained: a tensor missing, cut to one process's shard, or different."""
 
 
-def build_trainer(script_args, training_args, model_args, tokenizer, dataset) -> SFTTrainer:
-    """The model and SFTTrainer as train_sft.py trains them, its console line and stops included."""
+def build_trainer(script_args, training_args, model_args, tokenizer, dataset, eval_dataset=None) -> SFTTrainer:
+    """The model and SFTTrainer as train_sft.py trains them, its console line, stops and validation included."""
     attn_implementation = resolve_attention(model_args.attn_implementation, training_args.packing)
-    trainer = SFTTrainer(
+    callbacks = [ProgressLine(), GracefulStop(), NonFiniteGuard()] + ([EvaluateAtEnd()] if eval_dataset is not None else [])
+    trainer = ValidatingSFTTrainer(
         model=load_model(model_args, tokenizer, attn_implementation),
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=[ProgressLine(), GracefulStop(), NonFiniteGuard()],
+        callbacks=callbacks,
     )
     for printer in (ProgressCallback, PrinterCallback):  # ProgressLine is the console's one line per log
         trainer.remove_callback(printer)
@@ -47,9 +50,10 @@ def build_trainer(script_args, training_args, model_args, tokenizer, dataset) ->
     return trainer
 
 
-def train(trainer, script_args, model_args, data_report, started: float) -> Path:
-    """Train, then save the adapter and the run's record; returns output_dir. Raises TrainingStopped
-    for a run that did not finish, after saving what it could (SystemExit on a signal)."""
+def train(trainer, script_args, model_args, data_report, started: float, validation=None) -> Path:
+    """Train, then save the adapter, answer a few `validation` prompts if the settings ask, and write the
+    run's record; returns output_dir. Raises TrainingStopped for a run that did not finish, after
+    saving what it could (SystemExit on a signal)."""
     args = trainer.args
     output_dir = Path(args.output_dir)
     if trainer.accelerator.is_main_process:
@@ -74,6 +78,11 @@ def train(trainer, script_args, model_args, data_report, started: float) -> Path
                          trainer.accelerator.is_main_process)
         except IncompleteAdapterError as err:
             status, failure = f"failed: {err}", err
+    samples = None
+    if status == "completed" and script_args.samples_at_end and validation is not None:
+        samples = samples_at_end(trainer, validation, script_args.samples_at_end, script_args.sample_max_new_tokens)
+        if samples:
+            print(samples_text(samples), flush=True)
     trainer.save_state()  # trainer_state.json: the whole log history, every logged loss with its step
     peaks = peak_gpu_memory_per_process()  # a collective: every process takes part
     if trainer.accelerator.is_main_process:
@@ -83,6 +92,7 @@ def train(trainer, script_args, model_args, data_report, started: float) -> Path
             attn_implementation=trainer.model.config._attn_implementation,
             base_model=model_args.model_name_or_path,
             base_fingerprint=model_fingerprint(model_args.model_name_or_path, model_args.model_revision),
+            samples_at_end=samples,
         )
         write_json(output_dir / "run_summary.json", summary)
     trainer.accelerator.wait_for_everyone()

@@ -68,6 +68,9 @@ def run_summary(trainer, data_report, started: float, status: str, **facts) -> d
     rates = [h["tokens_per_second"] for h in logged if "tokens_per_second" in h]
     train_seconds = logged[-1].get("train_seconds") if logged else None
     tokens = state.num_input_tokens_seen
+    evaluations = [{"step": h["step"], "loss": h["eval_loss"], "eos_top1": h.get("eval_eos_top1"),
+                    "eos_prob": h.get("eval_eos_prob"), "seconds": h.get("eval_runtime")}
+                   for h in state.log_history if "eval_loss" in h]
     return {
         "status": status,
         "global_step": state.global_step,
@@ -83,6 +86,8 @@ def run_summary(trainer, data_report, started: float, status: str, **facts) -> d
             "last_logged": rates[-1] if rates else None,
         },
         "train_seconds": train_seconds,
+        "validation": {"evaluations": evaluations, "last": evaluations[-1] if evaluations else None,
+                       "seconds": sum(e["seconds"] or 0.0 for e in evaluations)},
         "wall_time_s": time.time() - started,  # of this session, loading included
         "world_size": trainer.args.world_size,
         "data": data_report.to_dict(),

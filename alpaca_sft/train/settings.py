@@ -40,6 +40,21 @@ class ScriptArguments:
         default=0,
         metadata={"help": "Print N examples with the trained span marked, write preview.jsonl, load no model, exit."},
     )
+    validation_size: float = field(
+        default=0.0,
+        metadata={"help": "Examples held out of training for validation: a fraction below 1 (0.01), or a count (200); "
+                          "0 holds none out. Copies of a held-out example are held out with it."},
+    )
+    validation_seed: int = field(default=42, metadata={"help": "Seed of the choice of held-out examples."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "A separate .json/.jsonl/.parquet/.csv to validate on, instead of a held-out part."}
+    )
+    samples_at_end: int = field(
+        default=0,
+        metadata={"help": "After training, greedy answers to this many validation prompts: did each stop by EOS, "
+                          "after how many tokens (printed and in run_summary.json); 0 = off."},
+    )
+    sample_max_new_tokens: int = field(default=128, metadata={"help": "Longest answer samples_at_end generates."})
     fused_lora: bool = field(
         default=True,
         metadata={"help": "LoRA's scale and add folded into its GEMMs (same math as PEFT's forward, fewer passes); "
@@ -114,6 +129,21 @@ def check_settings(script_args: ScriptArguments, training_args, model_args) -> N
     if source.suffix not in LOCAL_SUFFIXES:
         check(bool(problem := dataset_problem(script_args.dataset_name)), f"dataset: {problem}")
 
+    size, validation_file = script_args.validation_size, script_args.validation_file
+    validation = bool(size or validation_file)
+    check(size < 0 or (size >= 1 and size != int(size)),
+          f"validation_size={size:g}: give a fraction below 1 (0.01) or a whole number of examples (200)")
+    check(bool(size) and bool(validation_file), "validation_size and validation_file are both set: pick one")
+    if validation_file:
+        path = Path(validation_file)
+        check(path.suffix not in LOCAL_SUFFIXES or not path.is_file(),
+              f"validation_file={validation_file}: no such .json/.jsonl/.parquet/.csv file")
+    check(training_args.eval_strategy != "no" and not validation,
+          f"eval_strategy={training_args.eval_strategy.value}: there is no validation data; "
+          "set validation_size (a held-out part) or validation_file, or eval_strategy: 'no'")
+    check(script_args.samples_at_end < 0, f"samples_at_end={script_args.samples_at_end}: must be >= 0")
+    check(script_args.samples_at_end > 0 and not validation,
+          "samples_at_end answers validation prompts: set validation_size or validation_file, or samples_at_end: 0")
     check(training_args.max_length is not None and training_args.max_length <= 0,
           f"max_length={training_args.max_length}: must be a positive number of tokens")
     check(script_args.overlong_policy not in ("drop", "error"), f"overlong_policy={script_args.overlong_policy!r}: use 'drop' or 'error'")
@@ -140,6 +170,10 @@ def check_settings(script_args: ScriptArguments, training_args, model_args) -> N
     check(fsdp and model_args.load_in_4bit and model_args.bnb_4bit_quant_storage not in ("bfloat16", "float16", "float32"),
           "FSDP with a 4-bit base: FSDP shards only floating-point tensors, so store the 4-bit weights in one: "
           "add --bnb_4bit_quant_storage bfloat16")
+    trackers = set(training_args.report_to or [])
+    check("tensorboard" in trackers and not (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")),
+          "report_to tensorboard needs tensorboard: pip install -e \".[track]\" (or pip install tensorboard)")
+    check("wandb" in trackers and not importlib.util.find_spec("wandb"), "report_to wandb needs wandb: pip install wandb")
     check(training_args.use_liger_kernel and not importlib.util.find_spec("liger_kernel"),
           "use_liger_kernel needs liger-kernel: pip install liger-kernel (or set it false)")
 
