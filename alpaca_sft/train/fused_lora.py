@@ -20,6 +20,17 @@ import torch
 from torch import nn
 
 
+def _lora_grads(ctx, grad_out):
+    """The output gradient as rows, the gradient of x A^T, and A's and B's gradients in their own dtypes."""
+    x2, xa, a, b = ctx.saved_tensors
+    g = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_xa = (g @ b).mul_(ctx.scale)  # tokens x r: the scale costs a rank-r pass, not an out_features one
+    grad_b = (g.t() @ xa).mul_(ctx.scale)
+    grad_a = grad_xa.t() @ x2
+    a_dtype, b_dtype = ctx.weight_dtypes
+    return g, grad_xa, grad_a.to(a_dtype), grad_b.to(b_dtype)
+
+
 class _LoraAdd(torch.autograd.Function):
     """base_out + scale * (x A^T) B^T, with the gradients of x, A and B; base_out's gradient is the
     incoming one, handed back to the base layer's own backward."""
@@ -39,16 +50,11 @@ class _LoraAdd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa, a, b = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_xa = (g @ b).mul_(ctx.scale)  # tokens x r: the scale costs a rank-r pass, not an out_features one
-        grad_b = (g.t() @ xa).mul_(ctx.scale)
-        grad_a = grad_xa.t() @ x2
+        g, grad_xa, grad_a, grad_b = _lora_grads(ctx, grad_out)
         grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_x = (grad_xa @ a).view(ctx.x_shape).to(ctx.x_dtype)
-        a_dtype, b_dtype = ctx.weight_dtypes
-        return grad_out, grad_x, grad_a.to(a_dtype), grad_b.to(b_dtype), None
+            grad_x = (grad_xa @ ctx.saved_tensors[2]).view(ctx.x_shape).to(ctx.x_dtype)
+        return grad_out, grad_x, grad_a, grad_b, None
 
 
 class _LoraLinear(_LoraAdd):
@@ -62,14 +68,9 @@ class _LoraLinear(_LoraAdd):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa, a, b = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_xa = (g @ b).mul_(ctx.scale)
-        grad_b = (g.t() @ xa).mul_(ctx.scale)
-        grad_a = grad_xa.t() @ x2
-        grad_x = torch.addmm(g @ ctx.weight, grad_xa, a).view(ctx.x_shape).to(ctx.x_dtype)
-        a_dtype, b_dtype = ctx.weight_dtypes
-        return grad_x, None, grad_a.to(a_dtype), grad_b.to(b_dtype), None
+        g, grad_xa, grad_a, grad_b = _lora_grads(ctx, grad_out)
+        grad_x = torch.addmm(g @ ctx.weight, grad_xa, ctx.saved_tensors[2]).view(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, None, grad_a, grad_b, None
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
