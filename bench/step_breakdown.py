@@ -133,11 +133,12 @@ def matmul_split(prof, lora_rank: int) -> dict:
     kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and not e.key.startswith("## ")]
     total_us = sum(e.self_device_time_total for e in kernels)
     base_us = lora_us = base_flops = 0.0
+    first_factor = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1}  # addmm(_)'s first input is the added matrix
     for event in prof.key_averages(group_by_input_shape=True):
-        if event.key not in ("aten::mm", "aten::addmm"):
+        if event.key not in first_factor:
             continue
-        matrices = [s for s in event.input_shapes if len(s) == 2]  # mm: [m,k],[k,n]; addmm: bias,[m,k],[k,n]
-        (m, k), (_, n) = matrices[:2]
+        shapes = event.input_shapes
+        (m, k), (_, n) = shapes[first_factor[event.key]], shapes[first_factor[event.key] + 1]
         if lora_rank in (m, k, n):
             lora_us += event.self_device_time_total
         else:

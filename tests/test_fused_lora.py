@@ -52,9 +52,12 @@ def test_fused_lora_matches_peft_in_fp32(tiny_model_dir, batch):
     torch.testing.assert_close(input_grad, input_grad_ref, rtol=1e-4, atol=1e-7)
 
 
-def test_fused_lora_matches_peft_in_bf16(tiny_model_dir, batch):
-    # The GPU recipe's numerics: bf16 base, fp32 LoRA weights, bf16 autocast. The fused path rounds
-    # once where PEFT rounds three times, so the two agree to bf16's precision, not bit for bit.
+def test_fused_lora_in_bf16_is_as_close_to_fp32_as_peft(tiny_model_dir, batch):
+    # The GPU recipe's numerics: bf16 base, fp32 LoRA weights, bf16 autocast. The fused path rounds in
+    # other places than PEFT (the rank-r product before the big GEMM adds onto it, not the big product
+    # before the small one is added), so the two agree to bf16's precision, not bit for bit; judged
+    # against the same model in fp32, the fused gradients are at least as close as PEFT's.
+    truth = loss_and_grads(adapted(tiny_model_dir), batch)
     reference = adapted(tiny_model_dir, dtype=torch.bfloat16)  # PEFT keeps the LoRA weights fp32
     fused = copy.deepcopy(reference)
     fuse_lora(fused)
@@ -62,9 +65,14 @@ def test_fused_lora_matches_peft_in_bf16(tiny_model_dir, batch):
         loss_ref, grads_ref, _ = loss_and_grads(reference, batch)
         loss, grads, _ = loss_and_grads(fused, batch)
     assert abs(loss.item() - loss_ref.item()) / loss_ref.item() < 2e-3
+    assert abs(loss.item() - truth[0].item()) / truth[0].item() < 2e-3
+    to_truth, peft_to_truth = {}, {}
     for name in grads:
         assert grads[name].dtype == grads_ref[name].dtype == torch.float32
-        assert cosine(grads[name], grads_ref[name]) > 0.999, name
+        assert cosine(grads[name], grads_ref[name]) > 0.998, name
+        to_truth[name], peft_to_truth[name] = cosine(grads[name], truth[1][name]), cosine(grads_ref[name], truth[1][name])
+        assert to_truth[name] > peft_to_truth[name] - 5e-4, name
+    assert sum(to_truth.values()) >= sum(peft_to_truth.values())
 
 
 def test_uncovered_layers_keep_peft_forward(tiny_model_dir, batch):
