@@ -39,6 +39,13 @@ def test_every_recipe_parses_into_the_argument_dataclasses(recipe, tmp_path, tok
     assert not training_args.ddp_find_unused_parameters  # no graph search under DDP
     model_args.model_name_or_path = str(tokenizer_dir)  # the Hub cannot be reached from the tests
     script_args.dataset_name = str(REPO / "data" / "alpaca_sample.jsonl")
+    if script_args.fp8_base and not torch.cuda.is_available():  # FP8 GEMMs need a Hopper GPU: that, and nothing else
+        from alpaca_sft.train.settings import SettingsError
+
+        with pytest.raises(SettingsError) as err:
+            check_settings(script_args, training_args, model_args)
+        assert str(err.value).count("\n  - ") == 1 and "fp8_base needs FP8 tensor cores" in str(err.value)
+        return
     check_settings(script_args, training_args, model_args)
 
 
@@ -57,7 +64,21 @@ def test_a_recipe_asking_for_liger_without_it_installed_fails_before_loading(mon
 
 
 def test_recipes_exist():
-    assert {r.name for r in RECIPES} >= {"tiny-cpu.yaml", "mistral-7b-lora.yaml", "mistral-7b-qlora.yaml"}
+    assert {r.name for r in RECIPES} >= {"tiny-cpu.yaml", "mistral-7b-lora.yaml", "mistral-7b-qlora.yaml",
+                                         "mistral-7b-lora-fp8.yaml"}
+
+
+def test_fp8_base_without_hopper_is_refused_in_one_message_before_weights_load(tmp_path, tokenizer_dir):
+    result = subprocess.run(
+        [sys.executable, "train_sft.py", "--config", "recipes/mistral-7b-lora-fp8.yaml", "--model_name_or_path",
+         str(tokenizer_dir), "--dataset_name", "data/alpaca_sample.jsonl", "--output_dir", str(tmp_path / "out"),
+         "--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert ("fp8_base needs FP8 tensor cores (Hopper: H100, H200, or newer) and this machine has no CUDA GPU: "
+            "train a bf16 base (recipes/mistral-7b-lora.yaml)") in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_preview_prints_marked_examples_and_loads_no_weights(tmp_path, tokenizer_dir):
@@ -107,6 +128,10 @@ def test_bad_row_fails_before_weights_load_and_names_the_row(tmp_path, tokenizer
         (["--model_name_or_path", "someone/tiny-mistral"],
          "someone/tiny-mistral: no such local folder, and not in the local Hub cache (HF_HUB_OFFLINE is set); build the tiny"),
         (["--resume_from_checkpoint", "true"], "no checkpoint-* in"),
+        (["--fp8_base", "true", "--load_in_4bit", "true"], "fp8_base and load_in_4bit/load_in_8bit are two precisions"),
+        (["--fp8_base", "true", "--use_peft", "false"], "fp8_base puts the frozen base in FP8 under LoRA: set use_peft: true"),
+        (["--fp8_base", "true", "--dtype", "float32"], "fp8_base: set dtype: bfloat16 (not float32)"),
+        (["--fp8_base", "true", "--torch_compile", "true"], "fp8_base compiles its own"),
     ],
 )
 def test_bad_settings_are_refused_before_weights_load(tmp_path, tokenizer_dir, override, message):

@@ -16,6 +16,7 @@ from trl import SFTTrainer, get_peft_config
 from ..data.sources import model_fingerprint
 from .attention import resolve_attention
 from .callbacks import EvaluateAtEnd, GracefulStop, NonFiniteGuard, ProgressLine
+from .fp8_base import quantize_frozen_base
 from .fused_lora import fuse_lora
 from .model import load_model
 from .run_record import peak_gpu_memory_per_process, run_summary, save_resolved_config, write_json
@@ -47,6 +48,8 @@ def build_trainer(script_args, training_args, model_args, tokenizer, dataset, ev
         trainer.remove_callback(printer)
     if model_args.use_peft and script_args.fused_lora:
         fuse_lora(trainer.model)
+    if script_args.fp8_base:  # after the Trainer placed the model: each bf16 weight is freed as it is quantized
+        quantize_frozen_base(trainer.model)
     return trainer
 
 

@@ -1,0 +1,244 @@
+"""A frozen base in FP8: LoRA training with the base's linear layers' GEMMs in e4m3 on Hopper.
+
+The frozen weights are quantized once, at load, in the two layouts cuBLAS' FP8 GEMM needs (the
+second operand column-major): W as it is, with one scale per output channel, for the forward
+x W^T; and W^T, with one scale per input channel, for the input gradient g W. Together they take
+the memory of the bf16 weight they replace. No weight gradient is ever computed for them. Each GEMM's
+other operand, the layer input in forward and the output gradient in backward, is quantized per row
+by one Triton kernel (amax, scale and cast in a single read of the tensor); q, k and v, and gate
+and up, read the same input, which is quantized once for them. LoRA's A and B (bf16 math, fp32
+weights), the norms, the embeddings and the LM head stay as in the bf16 recipe.
+
+On CPUs and pre-Hopper GPUs torch's FP8 GEMM is either missing or emulated, so training refuses
+there (settings.py); the math runs on the CPU only for tests and for measuring an adapter's gap.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (rows x columns) as e4m3 values and one fp32 scale per row, x ~= q * scale: each row's
+    largest magnitude maps to e4m3's largest value, so nothing saturates and small rows keep their
+    precision."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = amax.clamp(min=1e-12) / E4M3_MAX  # an all-zero row gets zeros, not NaNs
+    q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)  # the clamp: x / scale may round past 448
+    return q, scale
+
+
+@functools.cache
+def _row_quantizer():
+    """A Triton kernel that quantizes one row per program: the row is read once into registers (16,384
+    columns at most: Mistral's widest is 14,336), its amax, scale and e4m3 values computed there. Torch's
+    eager ops take four passes and an fp32 copy; Inductor's kernel for quantize_rows reads each row twice
+    (2.4 ms per decoder layer of a 12K-token micro-batch on an H200, 16% of its FP8 linear layers' time)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, columns, x_row_stride, E4M3_MAX: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offsets = tl.arange(0, BLOCK)
+        inside = offsets < columns
+        x = tl.load(x_ptr + row * x_row_stride + offsets, mask=inside, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / E4M3_MAX
+        q = tl.clamp(tl.math.div_rn(x, scale), -E4M3_MAX, E4M3_MAX)  # div_rn: IEEE division, as torch's
+        tl.store(q_ptr + row * columns + offsets, q.to(tl.float8e4nv), mask=inside)
+        tl.store(scale_ptr + row, scale)
+
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        rows, columns = x.shape
+        block = triton.next_power_of_2(columns)
+        if block > 16384:  # wider than any Mistral layer: not worth a second kernel
+            return quantize_rows(x)
+        q = torch.empty(rows, columns, dtype=E4M3, device=x.device)
+        scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+        quantize_rows_kernel[(rows,)](x, q, scale, columns, x.stride(0), E4M3_MAX=E4M3_MAX, BLOCK=block,
+                                      num_warps=max(4, min(32, block // 512)))
+        return q, scale
+
+    return quantize
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows for a layer input or output gradient (rows x columns): on a GPU by one Triton
+    kernel, the same numbers; eager on the CPU."""
+    return _row_quantizer()(x) if x.is_cuda else quantize_rows(x)
+
+
+@functools.cache
+def _low_rank_adder():
+    """A Triton kernel for C += A B with A tall and thin (tokens x r) and B r x N: one pass over C, which
+    is all the work (r is 16). cuBLAS's beta=1 GEMM for it ran at ~70% of the memory bandwidth."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_low_rank_kernel(c_ptr, a_ptr, b_ptr, rows, columns, RANK: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+        m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.arange(0, RANK)
+        a = tl.load(a_ptr + m[:, None] * RANK + k[None, :], mask=m[:, None] < rows, other=0.0)
+        b = tl.load(b_ptr + k[:, None] * columns + n[None, :], mask=n[None, :] < columns, other=0.0)
+        inside = (m[:, None] < rows) & (n[None, :] < columns)
+        c_ptrs = c_ptr + m[:, None] * columns + n[None, :]
+        c = tl.load(c_ptrs, mask=inside, other=0.0)
+        tl.store(c_ptrs, tl.dot(a, b, acc=c.to(tl.float32)).to(c_ptr.dtype.element_ty), mask=inside)
+
+    def add(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        rows, columns = c.shape
+        a, b = a.contiguous(), b.contiguous()
+        grid = (triton.cdiv(rows, 128), triton.cdiv(columns, 128))
+        add_low_rank_kernel[grid](c, a, b, rows, columns, RANK=a.shape[1], BLOCK_M=128, BLOCK_N=128, num_warps=8)
+        return c
+
+    return add
+
+
+def add_low_rank_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """c += a @ b in place (a: tokens x r, b: r x N), returning c."""
+    rank = a.shape[1]
+    if c.is_cuda and c.is_contiguous() and rank in (16, 32, 64, 128) and a.dtype == b.dtype == c.dtype:
+        return _low_rank_adder()(c, a, b)
+    return c.addmm_(a, b)
+
+
+def fp8_matmul(q: torch.Tensor, scale: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """(q * scale) @ (weight_q * weight_scale)^T in bf16: q is rows x K, weight_q N x K (row-major,
+    so its transpose is the column-major operand the GEMM wants), weight_scale 1 x N."""
+    return torch._scaled_mm(q, weight_q.t(), scale_a=scale, scale_b=weight_scale, out_dtype=torch.bfloat16)
+
+
+class _SharedInput:
+    """The input a layer quantized, kept for the next layers that read the same tensor: q, k and v are
+    called one after another on the same normed hidden states, as are gate and up. Only layers marked
+    as shared readers keep it, and it is dropped once a layer that is not one has read it, so that no
+    quantized input outlives its readers (at the end of the forward, when memory peaks, none is held).
+    Reuse is keyed on the tensor itself (alive and unchanged), so a model that calls its layers in
+    another order only quantizes more often, never wrongly."""
+
+    def __init__(self):
+        self.source, self.version, self.quantized = None, None, None
+
+    def __call__(self, x: torch.Tensor, x2: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.source is not None and self.source() is x and self.version == x._version:
+            quantized = self.quantized
+        else:
+            quantized = quantize_activation(x2)
+        if keep:
+            self.source, self.version, self.quantized = weakref.ref(x), x._version, quantized
+        else:
+            self.source = self.version = self.quantized = None
+        return quantized
+
+
+_shared_input = _SharedInput()
+
+
+class Fp8FrozenLinear(nn.Module):
+    """A bias-free nn.Linear, frozen, its weight held only in e4m3. The quantized weights are plain
+    attributes, not parameters or buffers: DDP would broadcast buffers from rank 0 at every step
+    (each process quantizes the same weights to the same bytes), and no checkpoint should hold them."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_q, scale = quantize_rows(weight)  # N x K, one scale per output channel
+        self.weight_scale = scale.t().contiguous()  # 1 x N: scales the GEMM's output columns
+        weight_t_q, scale_t = quantize_rows(weight.t())  # K x N, one scale per input channel
+        self.weight_t_q, self.weight_t_scale = weight_t_q.contiguous(), scale_t.t().contiguous()
+        self.input_read_again = False  # set by quantize_frozen_base: a sibling reads this layer's input next
+
+    @staticmethod
+    def can_hold(module: nn.Module) -> bool:
+        """A frozen bias-free bf16 nn.Linear whose sizes FP8 GEMMs take (multiples of 16)."""
+        return (type(module) is nn.Linear and module.bias is None and not module.weight.requires_grad
+                and module.weight.dtype == torch.bfloat16
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the forward GEMM uses, in fp32 (for tests and references)."""
+        return self.weight_q.float() * self.weight_scale.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the base alone: PEFT's forward for a disabled adapter
+        return _Fp8LoraLinear.apply(x, self, None, None, 0.0)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=e4m3 (per-channel scales)"
+
+
+class _Fp8LoraLinear(torch.autograd.Function):
+    """x W^T + scale * (x A^T) B^T with W in e4m3, and the gradients of x, A and B (none for W).
+    Without LoRA weights, the frozen layer alone."""
+
+    @staticmethod
+    def forward(ctx, x, base: Fp8FrozenLinear, lora_a, lora_b, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        q, q_scale = _shared_input(x, x2, keep=base.input_read_again)
+        out = fp8_matmul(q, q_scale, base.weight_q, base.weight_scale)
+        ctx.base, ctx.scale, ctx.x_shape, ctx.has_lora = base, scale, x.shape, lora_a is not None
+        if ctx.has_lora:
+            a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+            xa = x2 @ a.t()
+            add_low_rank_(out, xa, (b * scale).t())  # the rank-r product onto the FP8 GEMM's output
+            ctx.save_for_backward(x2, xa, a, b)
+            ctx.weight_dtypes = (lora_a.dtype, lora_b.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        base = ctx.base
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gq, g_scale = quantize_activation(g)
+            grad_x = fp8_matmul(gq, g_scale, base.weight_t_q, base.weight_t_scale)
+        if not ctx.has_lora:
+            return grad_x.view(ctx.x_shape) if grad_x is not None else None, None, None, None, None
+        x2, xa, a, b = ctx.saved_tensors
+        grad_xa = (g @ b).mul_(ctx.scale)
+        grad_b = (g.t() @ xa).mul_(ctx.scale)
+        grad_a = grad_xa.t() @ x2
+        if grad_x is not None:
+            grad_x = add_low_rank_(grad_x, grad_xa, a).view(ctx.x_shape)
+        a_dtype, b_dtype = ctx.weight_dtypes
+        return grad_x, None, grad_a.to(a_dtype), grad_b.to(b_dtype), None
+
+
+def fp8_lora_linear(x, base: Fp8FrozenLinear, lora_a, lora_b, scale) -> torch.Tensor:
+    return _Fp8LoraLinear.apply(x, base, lora_a, lora_b, scale)
+
+
+# Layers whose input the next layer called reads too, in Llama-family decoders (Mistral's among them):
+# q then k then v, gate then up. A model that calls them otherwise is still right (see _SharedInput).
+READ_AGAIN_BY_NEXT = ("q_proj", "k_proj", "gate_proj")
+
+
+def quantize_frozen_base(model: nn.Module) -> int:
+    """Put every LoRA-adapted frozen bf16 linear layer of `model` (a PEFT model, on its device) in
+    FP8, freeing its bf16 weight layer by layer (the peak never holds both); returns how many.
+    Layers without an adapter (the LM head) keep their weights."""
+    from peft.tuners.lora import LoraLayer
+
+    converted = 0
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
+        if Fp8FrozenLinear.can_hold(layer.base_layer):
+            layer.base_layer = Fp8FrozenLinear(layer.base_layer)
+            layer.base_layer.input_read_again = name.rsplit(".", 1)[-1] in READ_AGAIN_BY_NEXT
+            converted += 1
+    if converted and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the freed bf16 weights, back to the allocator's pool for activations
+    return converted

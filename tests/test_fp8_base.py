@@ -1,0 +1,185 @@
+"""The FP8 base's math on the CPU (torch's emulated FP8 GEMM): the quantization round trip, the layer
+and its gradients against a dequantized-matmul reference, and a whole tiny model against bf16.
+Its speed is measured on an H100 (bench/RESULTS.md); training with it is refused here (test_cli)."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+from alpaca_sft.train import fp8_base
+from alpaca_sft.train.fp8_base import E4M3_MAX, Fp8FrozenLinear, fp8_lora_linear, quantize_frozen_base, quantize_rows
+from alpaca_sft.train.fused_lora import fuse_lora
+
+
+def dequantize(q, scale):
+    return q.float() * scale
+
+
+def test_quantize_rows_round_trip_keeps_e4m3_precision_in_every_row():
+    torch.manual_seed(0)
+    x = torch.randn(6, 64) * torch.tensor([1.0, 1e3, 1e-4, 0.0, 7.0, 1e-6]).unsqueeze(1)  # rows of any size, one all zero
+    x[4, 5] = 300.0  # one outlier: its row's other values go to e4m3's small (subnormal) numbers
+    q, scale = quantize_rows(x.to(torch.bfloat16))
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (6, 1) and scale.dtype == torch.float32
+    back = dequantize(q, scale)
+    assert torch.isfinite(back).all() and (back[3] == 0).all()
+    # each non-zero row's largest value lands on e4m3's largest: no row wastes range or saturates
+    assert (q.float().abs().amax(dim=1)[[0, 1, 2, 4, 5]] == E4M3_MAX).all()
+    exact = x.to(torch.bfloat16).float()
+    # e4m3 keeps 3 mantissa bits: half a step is 1/16 of a value, plus half the subnormal step (2^-9) near zero
+    bound = exact.abs() / 16 + scale * 2.0**-10
+    assert ((back - exact).abs() <= bound * 1.0001).all()
+    assert (back - exact).abs().max() > 0  # and it is a quantization: something was rounded
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on GPUs; run on the device")
+@pytest.mark.parametrize("columns", [1024, 4096, 14336, 80])
+def test_gpu_row_quantizer_gives_the_reference_bytes(columns):
+    torch.manual_seed(0)
+    x = torch.randn(1000, columns, device="cuda", dtype=torch.bfloat16) * torch.logspace(-4, 3, 1000, device="cuda")[:, None]
+    x[7] = 0
+    q, scale = fp8_base.quantize_activation(x)
+    q_ref, scale_ref = quantize_rows(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    q_t, _ = fp8_base.quantize_activation(x.t()[:, :512])  # a strided view: made contiguous first
+    assert torch.equal(q_t.view(torch.uint8), quantize_rows(x.t()[:, :512])[0].view(torch.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on GPUs; run on the device")
+@pytest.mark.parametrize("rows,columns,rank", [(12250, 4096, 16), (1000, 14336, 16), (77, 1024, 64)])
+def test_gpu_low_rank_add_is_one_rounding_of_the_exact_sum(rows, columns, rank):
+    torch.manual_seed(0)
+    c = torch.randn(rows, columns, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(rows, rank, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(columns, rank, device="cuda", dtype=torch.bfloat16).t()  # a transposed view, as LoRA's B^T
+    exact = (c.double() + a.double() @ b.double()).to(torch.bfloat16)
+    result = fp8_base.add_low_rank_(c, a, b)
+    assert result.data_ptr() == c.data_ptr()  # in place
+    torch.testing.assert_close(result, exact, rtol=2**-7, atol=1e-5)  # within one bf16 rounding step
+    assert (result != exact).float().mean() < 0.01  # fp32 accumulation: rarely a step off
+
+
+@pytest.fixture
+def layer_and_inputs():
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(2, 13, 64, dtype=torch.bfloat16, requires_grad=True)  # 26 tokens: not a multiple of 16
+    lora_a = (torch.randn(8, 64) * 0.1).requires_grad_(True)  # fp32, as PEFT keeps them
+    lora_b = (torch.randn(48, 8) * 0.1).requires_grad_(True)
+    return Fp8FrozenLinear(linear), x, lora_a, lora_b
+
+
+def test_fp8_layer_and_its_gradients_match_a_dequantized_matmul_reference(layer_and_inputs):
+    base, x, lora_a, lora_b = layer_and_inputs
+    scale = 2.0
+    out = fp8_lora_linear(x, base, lora_a, lora_b, scale)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    # The reference: every FP8 operand dequantized to fp32, one fp32 matmul; LoRA's branch in fp32 autograd.
+    x2, g = x.detach().reshape(-1, 64), grad_out.reshape(-1, 48)
+    w_forward = dequantize(base.weight_q, base.weight_scale.t())  # N x K
+    w_backward = dequantize(base.weight_t_q, base.weight_t_scale.t())  # K x N, quantized per input channel
+    a, b = lora_a.detach().requires_grad_(True), lora_b.detach().requires_grad_(True)
+    x_ref = x2.float().requires_grad_(True)
+    lora_out = (x_ref @ a.t()) @ b.t() * scale
+    expected = dequantize(*quantize_rows(x2)) @ w_forward.t() + lora_out
+    lora_out.backward(g.float())
+    expected_grad_x = dequantize(*quantize_rows(g)) @ w_backward.t() + x_ref.grad
+
+    def close(actual, reference, tolerance):
+        error = (actual.float() - reference).norm() / reference.norm()
+        assert error < tolerance, f"relative error {error:.2e}"
+
+    close(out.reshape(-1, 48), expected, 1e-2)  # the output and the GEMM's result rounded to bf16
+    close(x.grad.reshape(-1, 64), expected_grad_x, 1e-2)
+    close(lora_a.grad, a.grad, 2e-2)  # LoRA's gradients never touch FP8: bf16 math only
+    close(lora_b.grad, b.grad, 2e-2)
+    assert lora_a.grad.dtype == lora_b.grad.dtype == torch.float32
+    # the two weight layouts are each quantized along their own channel: both are close to the bf16 weight
+    weight = (w_forward + w_backward.t()) / 2
+    assert (w_forward - weight).norm() / weight.norm() < 0.05 and not torch.equal(w_forward, w_backward.t())
+
+
+def test_fp8_layer_alone_is_the_frozen_base(layer_and_inputs):
+    base, x, _, _ = layer_and_inputs
+    out = base(x)
+    out.sum().backward()
+    reference = x.detach().float().reshape(-1, 64) @ base.dequantized_weight().t()
+    assert (out.float().reshape(-1, 48) - reference).norm() / reference.norm() < 0.05
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def adapted(model_dir=None):
+    """The tiny model in bf16 with LoRA on every linear layer; without model_dir, one initialized as
+    Mistral-7B's config says (weights' std 0.02). The tiny test model's weights are ten times larger, to
+    learn in a few CPU steps, which makes it chaotic: a 3% change of its weights (e4m3's rounding) turns
+    its gradients by 20 degrees, while a model of Mistral's scale barely moves."""
+    torch.manual_seed(0)
+    if model_dir is None:
+        config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=32000, initializer_range=0.02,
+                               attn_implementation="sdpa")
+        model = MistralForCausalLM(config).to(torch.bfloat16)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    # init_lora_weights=False: B random too, so that B's gradient and the LoRA term are not zero
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+
+
+def loss_and_lora_grads(model, input_ids):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fp8_base_trains_like_the_bf16_base_and_frees_its_weights():
+    batch = torch.randint(0, 32000, (2, 32), generator=torch.Generator().manual_seed(1))
+    bf16 = adapted()
+    fuse_lora(bf16)
+    fp8 = copy.deepcopy(bf16)
+    weights_before = sum(p.numel() for p in fp8.parameters())
+    assert quantize_frozen_base(fp8) == 2 * 7  # two layers, seven adapted linears each
+    frozen_linears = sum(layer.in_features * layer.out_features for layer in fp8.modules() if isinstance(layer, Fp8FrozenLinear))
+    assert sum(p.numel() for p in fp8.parameters()) == weights_before - frozen_linears  # the bf16 weights are gone
+    assert not any(isinstance(m.base_layer, torch.nn.Linear) for m in fp8.modules() if hasattr(m, "lora_A"))
+    base_weights = {k for k in bf16.state_dict() if k.endswith("base_layer.weight")}
+    assert len(base_weights) == 14 and set(fp8.state_dict()) == set(bf16.state_dict()) - base_weights  # no FP8 in checkpoints
+
+    loss_bf16, grads_bf16 = loss_and_lora_grads(bf16, batch)
+    loss_fp8, grads_fp8 = loss_and_lora_grads(fp8, batch)
+    assert abs(loss_fp8 - loss_bf16) / loss_bf16 < 0.001 and loss_fp8 != loss_bf16
+    flat = [torch.cat([g[n].flatten() for n in sorted(g)]) for g in (grads_bf16, grads_fp8)]
+    assert torch.nn.functional.cosine_similarity(*flat, dim=0) > 0.99  # 0.997 measured
+    assert all(torch.nn.functional.cosine_similarity(grads_bf16[n].flatten(), grads_fp8[n].flatten(), dim=0) > 0.98
+               for n in grads_bf16)
+
+
+def test_q_k_v_and_gate_up_quantize_their_shared_input_once(tiny_model_dir, monkeypatch):
+    model = adapted(tiny_model_dir)
+    fuse_lora(model)
+    quantize_frozen_base(model)
+    calls = []
+    real = fp8_base.quantize_activation
+    monkeypatch.setattr(fp8_base, "quantize_activation", lambda x: calls.append(tuple(x.shape)) or real(x))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3, 4, 5]]))
+    # per layer: q/k/v's input, o's, gate/up's, down's (4, not 7)
+    assert len(calls) == 2 * 4 and calls.count((5, 64)) == 2 * 3 and calls.count((5, 128)) == 2
+
+
+def test_peft_forward_on_an_fp8_base_equals_the_fused_one():
+    fused = adapted()
+    quantize_frozen_base(fused)
+    unfused = copy.deepcopy(fused)
+    fuse_lora(fused)
+    ids = torch.tensor([[1, 306, 4966, 278, 4086, 29889]])
+    with torch.no_grad():
+        a, b = fused(input_ids=ids).logits.float(), unfused(input_ids=ids).logits.float()
+    # PEFT computes its LoRA branch in fp32, the fused path in bf16: on a bf16 base the two differ by 1.1%
+    assert (a - b).norm() / b.norm() < 0.03
