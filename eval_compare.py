@@ -88,10 +88,11 @@ def main(args) -> dict:
         meta.update(merge_max_abs_logit_diff=gap, merged_to=str(merged_dir),
                     merge_and_save_seconds=round(time.perf_counter() - started, 1))
         print(f"merged into a {meta['dtype']} base: max |logit(base+adapter) - logit(merged)| = {gap:.2e}; saved to {merged_dir}")
-        if tuned.trained_in_4bit:
+        if tuned.trained_in_4bit or tuned.trained_in_fp8:
+            key, trained = ("qlora_gap", "QLoRA: 4-bit") if tuned.trained_in_4bit else ("fp8_gap", "FP8")
             merged_logits = logits_on(model, tokenizer, probes)
-            meta["qlora_gap"] = quantized_gap(args.base, tuned.path, tuned.record.config, tokenizer, probes, merged_logits)
-            print(f"QLoRA: 4-bit base + adapter vs merged {meta['dtype']} model: {meta['qlora_gap']}")
+            meta[key] = quantized_gap(args.base, tuned.path, tuned.record.config, tokenizer, probes, merged_logits)
+            print(f"{trained} base + adapter vs merged {meta['dtype']} model: {meta[key]}")
     else:
         model = load(tuned.path, dtype, device)
     generations["tuned"] = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)

@@ -1,7 +1,7 @@
 """Merging a LoRA/QLoRA adapter into its base, and measuring that the merge is what was trained.
 
 An adapter is always merged into a full-precision (bf16/fp16/fp32) load of the base, never into
-4-bit weights: merging into NF4 would re-quantize the sum and lose what was learned (peft#2321).
+4-bit or FP8 weights: merging into NF4 would re-quantize the sum and lose what was learned (peft#2321).
 """
 
 from __future__ import annotations
@@ -35,21 +35,34 @@ def merge(base_model, adapter_dir: Path, tokenizer, probe_texts: list[str]):
 
 def quantized_gap(base: str, adapter_dir: Path, recorded: dict, tokenizer, probe_texts: list[str],
                   merged_logits: torch.Tensor) -> dict:
-    """For a QLoRA adapter: how far the merged full-precision model is from what was trained, the
-    base quantized as the run recorded it (train_config.yaml, through TRL's own
-    get_quantization_config, as training did) plus the adapter."""
+    """For an adapter trained on a quantized base (QLoRA's 4-bit, or FP8): how far the merged
+    full-precision model is from what was trained, the base quantized as the run recorded it
+    (train_config.yaml: through TRL's own get_quantization_config, or fp8_base, as training did)
+    plus the adapter."""
     from dataclasses import fields
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from trl import ModelConfig, get_quantization_config
 
+    from ..train.fp8_base import quantize_frozen_base
+    from ..train.fused_lora import fuse_lora
+    from ..train.settings import fp8_gemm_problem
+
+    fp8 = bool(recorded.get("fp8_base"))
+    if fp8 and torch.cuda.is_available() and (problem := fp8_gemm_problem()):
+        return {"not_measured": f"the FP8 base needs a Hopper GPU or newer, and {problem}"}
     model_args = ModelConfig(**{f.name: recorded[f.name] for f in fields(ModelConfig) if f.name in recorded})
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
+    dtype = torch.bfloat16 if fp8 else dtype  # an FP8 base is quantized from bf16 weights, as training requires
     device_map = {"": 0} if torch.cuda.is_available() else None
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=get_quantization_config(model_args),
                                                  dtype=dtype, device_map=device_map)
-    trained = logits_on(PeftModel.from_pretrained(model, str(adapter_dir)), tokenizer, probe_texts)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    if fp8:  # as training ran it (the CPU emulates FP8's GEMMs: same numbers, slowly)
+        quantize_frozen_base(model)
+        fuse_lora(model)
+    trained = logits_on(model, tokenizer, probe_texts)
     gap = (trained - merged_logits.to(trained.device)).abs()
     agree = (trained.argmax(-1) == merged_logits.to(trained.device).argmax(-1)).float().mean().item()
     return {"max_abs_logit_diff": gap.max().item(), "mean_abs_logit_diff": gap.mean().item(), "top1_agreement": agree}

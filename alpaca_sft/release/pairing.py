@@ -31,6 +31,10 @@ class Tuned:
     def trained_in_4bit(self) -> bool:
         return bool(self.record.config.get("load_in_4bit"))
 
+    @property
+    def trained_in_fp8(self) -> bool:
+        return bool(self.record.config.get("fp8_base"))
+
 
 def _config(name_or_path: str):
     from transformers import AutoConfig
