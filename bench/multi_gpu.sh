@@ -4,7 +4,7 @@
 # accelerate config; its run_summary.json and trainer_state.json go to $OUT/multi_gpu/<run>/, and
 # bench/multi_gpu_report.py turns them into the tables of bench/RESULTS.md.
 #   bash bench/multi_gpu.sh scaling fsdp-lora fsdp-qlora checkpointing epoch   (any of the phases)
-# scaling:    one GPU vs DDP on all GPUs, LoRA and QLoRA recipes, at the same global batch
+# scaling:    one GPU vs DDP on all GPUs, LoRA and QLoRA recipes (RECIPES="lora lora-fp8" for others), at the same global batch
 # fsdp-lora:  FSDP with the LoRA recipe: train, save, resume, merge with eval_compare.py
 # fsdp-qlora: FSDP+QLoRA (4-bit weights stored as bf16), the same
 # checkpointing: DDP vs FSDP with gradient checkpointing (LoRA recipe), the small-card setting
@@ -53,16 +53,17 @@ fsdp() {  # fsdp NAME CONFIG RECIPE FLAGS...: 12 steps with a checkpoint at step
 evaluate() {  # evaluate NAME: eval_compare.py on the adapter of run NAME, on one GPU
   local name=$1
   [ -f "$work/$name/adapter_model.safetensors" ] || { echo "$name: no adapter to evaluate"; return; }
+  ls "$work/$name" > "$out/$name/files.txt" 2>&1
   run "eval-$name" env CUDA_VISIBLE_DEVICES=0 python eval_compare.py --base "$model" --tuned "$work/$name" \
     --output_dir "$work/eval-$name" --max_new_tokens 32
   cp "$work/eval-$name/comparison.json" "$out/eval-$name/" 2>/dev/null
-  grep -E "merged into|QLoRA:|stop by EOS" "$work/eval-$name.log"
+  grep -E "merged into|QLoRA:|FP8 base|stop by EOS" "$work/eval-$name.log"
 }
 
 for phase in "$@"; do
   case "$phase" in
   scaling)
-    for recipe in lora qlora; do
+    for recipe in ${RECIPES:-lora qlora}; do
       run "$recipe-1gpu" single --config "recipes/mistral-7b-$recipe.yaml" "${short[@]}" "${one_gpu[@]}" \
         --output_dir "$work/$recipe-1gpu" --save_strategy no
       run "$recipe-ddp" launch multi_gpu.yaml --config "recipes/mistral-7b-$recipe.yaml" "${short[@]}" "${all_gpus[@]}" \
@@ -83,7 +84,7 @@ for phase in "$@"; do
     run lora-ddp-epoch launch multi_gpu.yaml --config recipes/mistral-7b-lora.yaml --model_name_or_path "$model" \
       --dataset_name "$data" --output_dir "$work/lora-ddp-epoch" --overwrite_output_dir true ;;
   eval-*) evaluate "${phase#eval-}" ;;
-  *) echo "unknown phase $phase: use scaling, fsdp-lora, fsdp-qlora, epoch" >&2; exit 2 ;;
+  *) echo "unknown phase $phase: use scaling, fsdp-lora, fsdp-qlora, checkpointing, epoch, eval-<run>" >&2; exit 2 ;;
   esac
 done
 for dir in "$work"/*/; do  # runs of earlier calls on this machine, kept in their output folders

@@ -65,11 +65,13 @@ def main():
 
     lines = ["| run | processes | tokens/s | tokens/s per GPU | per GPU vs 1 GPU | peak GiB per GPU | min/epoch | "
              "loss vs 1 GPU (max rel. diff) |", "|---|---:|---:|---:|---:|---|---:|---|"]
-    for recipe in ("lora", "qlora"):
+    for recipe in ("lora", "lora-fp8", "qlora"):
         one = runs.get(f"{recipe}-1gpu")
+        if one is None and recipe == "lora-fp8":
+            continue
         lines.append(throughput_row(f"{recipe}, 1 GPU", one, one, epoch_tokens))
         lines.append(throughput_row(f"{recipe}, DDP", runs.get(f"{recipe}-ddp"), one, epoch_tokens))
-        for fsdp in (("fsdp-lora",) if recipe == "lora" else ("fsdp-qlora", "fsdp1-qlora")):
+        for fsdp in {"lora": ("fsdp-lora",), "qlora": ("fsdp-qlora", "fsdp1-qlora")}.get(recipe, ()):
             if fsdp in runs or fsdp != "fsdp1-qlora":
                 lines.append(throughput_row(f"{recipe}, {fsdp.split('-')[0].upper()}", runs.get(fsdp), one, epoch_tokens))
     checkpointed = [(f"lora, {kind}, gradient checkpointing", runs.get(f"lora-{kind.lower()}-ckpt")) for kind in ("DDP", "FSDP")]
@@ -77,8 +79,8 @@ def main():
     print("\n".join(lines) + "\n")
 
     lines = ["| run | adapter after the run | resumed at step 6: loss vs uninterrupted | merge: max logit diff | "
-             "4-bit + adapter vs merged |", "|---|---|---|---|---|"]
-    for name in ("fsdp-lora", "fsdp-qlora", "fsdp1-qlora"):
+             "4-bit or FP8 + adapter vs merged |", "|---|---|---|---|---|"]
+    for name in ("fsdp-lora", "fsdp-qlora", "fsdp1-qlora", "lora-fp8-ddp"):
         run, resumed = runs.get(name), runs.get(f"{name}-resumed")
         if run is None:
             continue
@@ -87,7 +89,7 @@ def main():
         resume = loss_gap(resumed, run, from_step=6) if resumed and resumed["status"] == "completed" else "n/a"
         comparison = args.folder / f"eval-{name}" / "comparison.json"
         meta = json.loads(comparison.read_text())["meta"] if comparison.is_file() else {}
-        qlora = meta.get("qlora_gap", {}).get("max_abs_logit_diff")
+        qlora = meta.get("qlora_gap", meta.get("fp8_gap", {})).get("max_abs_logit_diff")
         lines.append(f"| {name} | {run['status']}, {adapter} | {resume} | {meta.get('merge_max_abs_logit_diff', 'n/a')} | "
                      f"{qlora if qlora is not None else '-'} |")
     print("\n".join(lines) + "\n")
