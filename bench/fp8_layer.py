@@ -6,6 +6,8 @@ micro-batch's token count: the bf16 base (the recipe's fused LoRA) against FP8 b
   bf16              the frozen bf16 base, LoRA fused into its GEMMs (recipes/mistral-7b-lora.yaml)
   fp8               this project's FP8 base (alpaca_sft/train/fp8_base.py): weights quantized once, inputs
                     and output gradients per row by compiled kernels, no weight gradient
+  fp8-precise       the same with every FP8 GEMM accumulating in fp32 (no fast accumulation)
+  fp8-fast-accum    the same with fast accumulation in the input-gradient GEMMs too, not only the forward's
   fp8-cublas-add    the same with LoRA's product added by cuBLAS (addmm_, beta=1) instead of the Triton kernel
   fp8-inductor-quant  the same with the row quantization compiled by torch.compile (Inductor) instead
   fp8-eager-quant   the same with the row quantization left to eager torch ops (what fusing it saves)
@@ -21,7 +23,6 @@ variant's relative error of the outputs and of the input gradient against the bf
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -130,7 +131,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=12288)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--variants", nargs="*", default=["bf16", "fp8", "fp8-cublas-add", "fp8-inductor-quant", "fp8-eager-quant", "torchao", "torchao-compiled"])
+    parser.add_argument("--variants", nargs="*", default=["bf16", "fp8", "fp8-precise", "fp8-fast-accum", "fp8-cublas-add", "fp8-inductor-quant", "fp8-eager-quant", "torchao", "torchao-compiled"])
     parser.add_argument("--profile", nargs="*", default=[], help="variants whose GPU kernels to list, by time")
     parser.add_argument("--out", type=Path, default=Path("bench/results/fp8/layer.json"))
     args = parser.parse_args()
@@ -145,6 +146,9 @@ def main():
     print(f"{'variant':18} {'ms':>7} {'vs bf16':>7} {'TFLOP/s':>8} {'out err':>8} {'dx err':>8}")
     for variant in args.variants:
         real_quantize, real_add = fp8_base.quantize_activation, fp8_base.add_low_rank_
+        fast = fp8_base.FAST_ACCUMULATION_FORWARD, fp8_base.FAST_ACCUMULATION_INPUT_GRAD
+        if variant in ("fp8-precise", "fp8-fast-accum"):
+            fp8_base.FAST_ACCUMULATION_FORWARD = fp8_base.FAST_ACCUMULATION_INPUT_GRAD = variant == "fp8-fast-accum"
         if variant == "fp8-cublas-add":
             fp8_base.add_low_rank_ = lambda c, a, b: c.addmm_(a, b)
         if variant == "fp8-eager-quant":
@@ -162,6 +166,7 @@ def main():
             continue
         finally:
             fp8_base.quantize_activation, fp8_base.add_low_rank_ = real_quantize, real_add
+            fp8_base.FAST_ACCUMULATION_FORWARD, fp8_base.FAST_ACCUMULATION_INPUT_GRAD = fast
         if variant in args.profile:
             results["variants"].setdefault(variant, {})
             kernels = profile(model, x, y, grads)

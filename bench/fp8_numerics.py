@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sf
 import torch
 from peft.helpers import disable_input_dtype_casting
 
+from alpaca_sft.train import fp8_base
 from alpaca_sft.train.fp8_base import Fp8FrozenLinear, quantize_frozen_base
 
 
@@ -68,6 +69,11 @@ def first_step(args) -> dict:
     runs["bf16"] = loss_and_grads(autocast=True)
     converted = quantize_frozen_base(model)
     runs["fp8"] = loss_and_grads(autocast=True)
+    default = fp8_base.FAST_ACCUMULATION_FORWARD, fp8_base.FAST_ACCUMULATION_INPUT_GRAD
+    for name, fast in (("fp8_precise", False), ("fp8_fast_accumulation_everywhere", True)):
+        fp8_base.FAST_ACCUMULATION_FORWARD = fp8_base.FAST_ACCUMULATION_INPUT_GRAD = fast
+        runs[name] = loss_and_grads(autocast=True)
+    fp8_base.FAST_ACCUMULATION_FORWARD, fp8_base.FAST_ACCUMULATION_INPUT_GRAD = default
     # The same bf16 math with the weights rounded to their e4m3 values: how much of FP8's distance from
     # bf16 the weights' rounding alone makes, with no FP8 GEMM and no quantized activation or gradient.
     for layer in [m for m in model.modules() if isinstance(getattr(m, "base_layer", None), Fp8FrozenLinear)]:
@@ -92,6 +98,9 @@ def first_step(args) -> dict:
             "lora_tensors": len(runs["fp32"][1]), "compared_tensors": len(names),
             "loss": {name: run[0] for name, run in runs.items()},
             "bf16_vs_fp32": compare("fp32", "bf16"), "fp8_vs_fp32": compare("fp32", "fp8"), "fp8_vs_bf16": compare("bf16", "fp8"),
+            "fp8_precise_vs_fp32": compare("fp32", "fp8_precise"),
+            "fp8_fast_accumulation_everywhere_vs_fp32": compare("fp32", "fp8_fast_accumulation_everywhere"),
+            "fp8_settings": {"fast_accumulation_forward": default[0], "fast_accumulation_input_grad": default[1]},
             "bf16_e4m3_weights_vs_bf16": compare("bf16", "bf16_e4m3_weights")}
 
 
