@@ -160,6 +160,7 @@ def main():
             outs = run(model, x, y, grads)
             result = torch.cat([o.float().flatten() for o in outs]), torch.cat([x.grad.float().flatten(), y.grad.float().flatten()])
             ms = time_variant(model, x, y, grads, args.repeats)
+            kernels = profile(model, x, y, grads) if variant in args.profile else None  # under the variant's settings
         except Exception as err:  # a variant that cannot run here (torchao missing or incompatible) is reported, not fatal
             results["variants"][variant] = {"status": f"{type(err).__name__}: {str(err)[:300]}"}
             print(f"{variant:18} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
@@ -167,16 +168,13 @@ def main():
         finally:
             fp8_base.quantize_activation, fp8_base.add_low_rank_ = real_quantize, real_add
             fp8_base.FAST_ACCUMULATION_FORWARD, fp8_base.FAST_ACCUMULATION_INPUT_GRAD = fast
-        if variant in args.profile:
-            results["variants"].setdefault(variant, {})
-            kernels = profile(model, x, y, grads)
         if reference is None:
             reference = (ms, result)
         errors = [((a - b).norm() / b.norm()).item() for a, b in zip(result, reference[1])]
         results["variants"][variant] = {"ms": round(ms, 3), "speedup_vs_first": round(reference[0] / ms, 3),
                                         "tflops": round(flops / ms / 1e9, 1), "output_rel_error": errors[0],
                                         "input_grad_rel_error": errors[1]}
-        if variant in args.profile:
+        if kernels is not None:
             results["variants"][variant]["kernels"] = kernels
         print(f"{variant:18} {ms:7.2f} {reference[0] / ms:6.2f}x {flops / ms / 1e9:8.0f} {errors[0]:8.2e} {errors[1]:8.2e}", flush=True)
         del model
