@@ -5,7 +5,7 @@ micro-batch's token count: the bf16 base (the recipe's fused LoRA) against FP8 b
 
   bf16              the frozen bf16 base, LoRA fused into its GEMMs (recipes/mistral-7b-lora.yaml)
   fp8               this project's FP8 base (alpaca_sft/train/fp8_base.py): weights quantized once, inputs
-                    and output gradients per row by compiled kernels, no weight gradient
+                    and output gradients per row by Triton kernels, no weight gradient
   fp8-precise       the same with every FP8 GEMM accumulating in fp32 (no fast accumulation)
   fp8-fast-accum    the same with fast accumulation in the input-gradient GEMMs too, not only the forward's
   fp8-cublas-add    the same with LoRA's product added by cuBLAS (addmm_, beta=1) instead of the Triton kernel
