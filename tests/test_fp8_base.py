@@ -183,3 +183,30 @@ def test_peft_forward_on_an_fp8_base_equals_the_fused_one():
         a, b = fused(input_ids=ids).logits.float(), unfused(input_ids=ids).logits.float()
     # PEFT computes its LoRA branch in fp32, the fused path in bf16: on a bf16 base the two differ by 1.1%
     assert (a - b).norm() / b.norm() < 0.03
+
+
+def test_fp8_recipe_path_trains_validates_and_saves_with_fp8_emulated_on_the_cpu(tiny_model_dir, tmp_path, monkeypatch):
+    # Training on an FP8 base is refused without a Hopper GPU (test_cli). With that one check lifted, the
+    # CPU emulates the FP8 GEMMs and train_sft.py's whole path runs: the base quantized after the Trainer
+    # placed the model, training, evaluations and greedy samples through the FP8 layers, the adapter saved.
+    import json
+
+    import yaml
+    from conftest import train
+    from safetensors.torch import load_file
+
+    from alpaca_sft.train import settings
+
+    monkeypatch.setattr(settings, "fp8_gemm_problem", lambda use_cpu=False: None)
+    run = tmp_path / "run"
+    trainer = train(tiny_model_dir, run, "--fp8_base", "true", "--dtype", "bfloat16", "--max_steps", 8,
+                    "--learning_rate", 1e-2, "--validation_size", 4, "--eval_strategy", "steps", "--eval_steps", 4,
+                    "--samples_at_end", 1)
+    assert sum(isinstance(m, Fp8FrozenLinear) for m in trainer.model.modules()) == 2 * 7
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["last_loss"] < summary["first_loss"]
+    assert [e["step"] for e in summary["validation"]["evaluations"]] == [4, 8]
+    assert summary["samples_at_end"]["prompts"] == 1
+    assert yaml.safe_load((run / "train_config.yaml").read_text())["fp8_base"] is True  # what eval_compare reads
+    adapter = load_file(run / "adapter_model.safetensors")
+    assert len(adapter) == 2 * 7 * 2 and all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # B starts at 0
