@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from alpaca_sft.train import fp8_base
-from alpaca_sft.train.fp8_base import E4M3_MAX, Fp8FrozenLinear, fp8_lora_linear, quantize_frozen_base, quantize_rows
+from alpaca_sft.train.fp8_base import E4M3_MAX, Fp8FrozenLinear, quantize_frozen_base, quantize_rows
 from alpaca_sft.train.fused_lora import fuse_lora
 
 
@@ -75,7 +75,7 @@ def layer_and_inputs():
 def test_fp8_layer_and_its_gradients_match_a_dequantized_matmul_reference(layer_and_inputs):
     base, x, lora_a, lora_b = layer_and_inputs
     scale = 2.0
-    out = fp8_lora_linear(x, base, lora_a, lora_b, scale)
+    out = base.forward_with_lora(x, lora_a, lora_b, scale)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
 

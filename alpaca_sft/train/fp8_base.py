@@ -21,6 +21,8 @@ import weakref
 import torch
 from torch import nn
 
+from .fused_lora import _lora_grads, _save
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 
@@ -189,6 +191,10 @@ class Fp8FrozenLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # the base alone: PEFT's forward for a disabled adapter
         return _Fp8LoraLinear.apply(x, self, None, None, 0.0)
 
+    def forward_with_lora(self, x: torch.Tensor, lora_a, lora_b, scale: float) -> torch.Tensor:
+        """The base and one LoRA adapter in one function: what fused_lora.py calls for this layer."""
+        return _Fp8LoraLinear.apply(x.to(torch.bfloat16), self, lora_a, lora_b, scale)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=e4m3 (per-channel scales)"
 
@@ -202,37 +208,31 @@ class _Fp8LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         q, q_scale = _shared_input(x, x2, keep=base.input_read_again)
         out = fp8_matmul(q, q_scale, base.weight_q, base.weight_scale, FAST_ACCUMULATION_FORWARD)
-        ctx.base, ctx.scale, ctx.x_shape, ctx.has_lora = base, scale, x.shape, lora_a is not None
+        ctx.base, ctx.x_shape, ctx.has_lora = base, x.shape, lora_a is not None
         if ctx.has_lora:
             a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
             xa = x2 @ a.t()
             add_low_rank_(out, xa, (b * scale).t())  # the rank-r product onto the FP8 GEMM's output
-            ctx.save_for_backward(x2, xa, a, b)
-            ctx.weight_dtypes = (lora_a.dtype, lora_b.dtype)
+            _save(ctx, x, x2, xa, a, b, lora_a, lora_b, scale)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        base = ctx.base
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            gq, g_scale = quantize_activation(g)
-            grad_x = fp8_matmul(gq, g_scale, base.weight_t_q, base.weight_t_scale, FAST_ACCUMULATION_INPUT_GRAD)
+        base, grad_x = ctx.base, None
         if not ctx.has_lora:
-            return grad_x.view(ctx.x_shape) if grad_x is not None else None, None, None, None, None
-        x2, xa, a, b = ctx.saved_tensors
-        grad_xa = (g @ b).mul_(ctx.scale)
-        grad_b = (g.t() @ xa).mul_(ctx.scale)
-        grad_a = grad_xa.t() @ x2
-        if grad_x is not None:
-            grad_x = add_low_rank_(grad_x, grad_xa, a).view(ctx.x_shape)
-        a_dtype, b_dtype = ctx.weight_dtypes
-        return grad_x, None, grad_a.to(a_dtype), grad_b.to(b_dtype), None
+            if ctx.needs_input_grad[0]:
+                grad_x = _input_grad(base, grad_out.reshape(-1, grad_out.shape[-1])).view(ctx.x_shape)
+            return grad_x, None, None, None, None
+        g, grad_xa, grad_a, grad_b = _lora_grads(ctx, grad_out)
+        if ctx.needs_input_grad[0]:
+            grad_x = add_low_rank_(_input_grad(base, g), grad_xa, ctx.saved_tensors[2]).view(ctx.x_shape)
+        return grad_x, None, grad_a, grad_b, None
 
 
-def fp8_lora_linear(x, base: Fp8FrozenLinear, lora_a, lora_b, scale) -> torch.Tensor:
-    return _Fp8LoraLinear.apply(x, base, lora_a, lora_b, scale)
+def _input_grad(base: Fp8FrozenLinear, g: torch.Tensor) -> torch.Tensor:
+    """g W for output-gradient rows g, through the FP8 copy of W^T."""
+    gq, g_scale = quantize_activation(g)
+    return fp8_matmul(gq, g_scale, base.weight_t_q, base.weight_t_scale, FAST_ACCUMULATION_INPUT_GRAD)
 
 
 # Layers whose input the next layer called reads too, in Llama-family decoders (Mistral's among them):

@@ -9,7 +9,7 @@ rank-r tensors only. For a 4-bit base, whose GEMM is bitsandbytes', the sum and 
 epilogue of one GEMM after it. On an H100 (bench/RESULTS.md) LoRA went from 21% of a micro-batch
 with PEFT's forward to 11%.
 
-A base put in FP8 (fp8_base.py) runs its own fused function, its GEMMs in e4m3.
+A base that brings its own fused function (`forward_with_lora`: the FP8 base of fp8_base.py) runs it.
 
 Only the forward is replaced: PEFT still owns the adapter (its weights, their names, saving, loading,
 merging), and any layer this path does not cover (dropout, DoRA and other variants, several active
@@ -22,8 +22,6 @@ import types
 
 import torch
 from torch import nn
-
-from .fp8_base import Fp8FrozenLinear, fp8_lora_linear
 
 
 def _lora_grads(ctx, grad_out):
@@ -103,8 +101,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.base_layer
     lora_a, lora_b, scale = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
-    if isinstance(base, Fp8FrozenLinear):
-        return fp8_lora_linear(x.to(torch.bfloat16), base, lora_a, lora_b, scale)
+    if hasattr(base, "forward_with_lora"):
+        return base.forward_with_lora(x, lora_a, lora_b, scale)
     if type(base) is nn.Linear and base.bias is None and not base.weight.requires_grad and x.dtype == base.weight.dtype:
         return _LoraLinear.apply(x, base.weight, lora_a, lora_b, scale)
     return _LoraAdd.apply(base(x), x, lora_a, lora_b, scale)  # a 4-bit (or other) base runs its own kernels
