@@ -37,6 +37,11 @@ CONFIGS = {  # name: (recipe, flags on top of it); "trl-*" are bench/trl_peers.p
     # the attention A/B: transformers' own kernels, each given TRL's packed position_ids
     "lora-transformers-flex": ("recipes/mistral-7b-lora.yaml", ["--attn_implementation", "flex_attention"]),
     "lora-sdpa": ("recipes/mistral-7b-lora.yaml", ["--attn_implementation", "sdpa"]),
+    # FlashAttention-4 (flash-attn-4, CuTe DSL) through transformers' flash_attention_4, reading the packed
+    # rows' boundaries ("auto" picks it where installed on Hopper); document_flex is "auto" without it.
+    # bench/attention_kernels.py times each alone
+    "lora-fa4": ("recipes/mistral-7b-lora.yaml", ["--attn_implementation", "flash_attention_4"]),
+    "lora-document-flex": ("recipes/mistral-7b-lora.yaml", ["--attn_implementation", "document_flex"]),
     # the decoder layers compiled by Inductor (regional, dynamic shapes) instead of Liger's kernels
     "lora-compiled": ("recipes/mistral-7b-lora.yaml", ["--use_liger_kernel", "false", "--torch_compile", "true"]),
     "trl-defaults": ("defaults", []),

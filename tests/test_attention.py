@@ -77,3 +77,24 @@ def test_auto_picks_document_flex_for_packed_rows_and_passes_other_names_through
     assert resolve_attention("auto", packing=True) == DOCUMENT_FLEX  # no flash-attn / no GPU here
     assert resolve_attention("auto", packing=False) == "sdpa"
     assert resolve_attention("sdpa", packing=True) == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "capability, fa4, fa2, expected",
+    [
+        ((9, 0), True, False, "flash_attention_4"),  # Hopper with flash-attn-4: the fastest measured
+        ((9, 0), True, True, "flash_attention_4"),
+        ((8, 0), True, False, DOCUMENT_FLEX),  # FA4 on an Ampere card: never measured, not chosen
+        ((8, 0), False, True, "flash_attention_2"),
+        ((9, 0), False, False, DOCUMENT_FLEX),
+    ],
+)
+def test_auto_on_a_gpu_picks_flash_attention_only_where_it_runs(monkeypatch, capability, fa4, fa2, expected):
+    from alpaca_sft.train import attention
+
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention.torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(attention, "is_flash_attn_4_available", lambda: fa4)
+    monkeypatch.setattr(attention, "is_flash_attn_2_available", lambda: fa2)
+    assert resolve_attention("auto", packing=True) == expected
+    assert resolve_attention("document_flex", packing=True) == DOCUMENT_FLEX
