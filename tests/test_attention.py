@@ -1,5 +1,10 @@
 """Packed rows: the per-token loss of a packed batch equals that of its examples run one by one, with
-every attention the pipeline offers, as long as the batch carries TRL's packed position_ids."""
+every attention the pipeline offers, as long as the batch carries TRL's packed position_ids. And the
+kernels "auto" picks: FlashAttention where it runs, Liger's Triton RoPE kept."""
+
+import os
+import sys
+import types
 
 import pytest
 import torch
@@ -7,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from alpaca_sft.train.attention import DOCUMENT_FLEX, resolve_attention
+from alpaca_sft.train.model import pin_liger_rope_to_triton
 
 
 def per_token_loss(logits, labels):
@@ -98,3 +104,33 @@ def test_auto_on_a_gpu_picks_flash_attention_only_where_it_runs(monkeypatch, cap
     monkeypatch.setattr(attention, "is_flash_attn_2_available", lambda: fa2)
     assert resolve_attention("auto", packing=True) == expected
     assert resolve_attention("document_flex", packing=True) == DOCUMENT_FLEX
+
+
+def fake_liger(monkeypatch, rope_impls):
+    """A Liger whose per-op dispatch knows these RoPE implementations."""
+    backends = types.ModuleType("liger_kernel.backends")
+    backends.all_impls = lambda op: list(rope_impls) if op == "rope" else []
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.backends", backends)
+
+
+def test_liger_rope_is_pinned_to_triton_unless_the_user_chose_another(monkeypatch):
+    monkeypatch.delenv("LIGER_KERNEL_IMPL_ROPE", raising=False)  # restored after the test either way
+    fake_liger(monkeypatch, ["nvidia-cutedsl", "nvidia-triton"])
+    pin_liger_rope_to_triton()
+    assert os.environ["LIGER_KERNEL_IMPL_ROPE"] == "nvidia-triton"
+
+    monkeypatch.setenv("LIGER_KERNEL_IMPL_ROPE", "nvidia-cutedsl")
+    pin_liger_rope_to_triton()
+    assert os.environ["LIGER_KERNEL_IMPL_ROPE"] == "nvidia-cutedsl"
+
+
+def test_liger_without_a_triton_rope_or_without_dispatch_is_left_alone(monkeypatch):
+    monkeypatch.delenv("LIGER_KERNEL_IMPL_ROPE", raising=False)
+    fake_liger(monkeypatch, ["nvidia-cutedsl"])  # pinning a missing kernel would fail at the first forward
+    pin_liger_rope_to_triton()
+    assert "LIGER_KERNEL_IMPL_ROPE" not in os.environ
+
+    monkeypatch.setitem(sys.modules, "liger_kernel.backends", None)  # an older Liger: the import fails
+    pin_liger_rope_to_triton()
+    assert "LIGER_KERNEL_IMPL_ROPE" not in os.environ

@@ -18,7 +18,7 @@ from .attention import resolve_attention
 from .callbacks import EvaluateAtEnd, GracefulStop, NonFiniteGuard, ProgressLine
 from .fp8_base import quantize_frozen_base
 from .fused_lora import fuse_lora
-from .model import load_model
+from .model import load_model, pin_liger_rope_to_triton
 from .run_record import peak_gpu_memory_per_process, run_summary, save_resolved_config, write_json
 from .validation import ValidatingSFTTrainer, samples_at_end, samples_text
 
@@ -34,6 +34,8 @@ class IncompleteAdapterError(RuntimeError):
 def build_trainer(script_args, training_args, model_args, tokenizer, dataset, eval_dataset=None) -> SFTTrainer:
     """The model and SFTTrainer as train_sft.py trains them, its console line, stops and validation included."""
     attn_implementation = resolve_attention(model_args.attn_implementation, training_args.packing)
+    if training_args.use_liger_kernel:
+        pin_liger_rope_to_triton()
     callbacks = [ProgressLine(), GracefulStop(), NonFiniteGuard()] + ([EvaluateAtEnd()] if eval_dataset is not None else [])
     trainer = ValidatingSFTTrainer(
         model=load_model(model_args, tokenizer, attn_implementation),
