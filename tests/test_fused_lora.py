@@ -117,3 +117,23 @@ def test_fused_lora_matches_peft_on_a_4bit_base(tiny_model_dir, batch):
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5, msg=name)
     torch.testing.assert_close(input_grad, input_grad_ref, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_fused_lora_under_gradient_checkpointing_matches_it_without(tiny_model_dir, batch, use_reentrant):
+    # The checkpointing recipes (qlora-24gb) recompute each layer in backward. Non-reentrant
+    # checkpointing lets a backward unpack each saved tensor once only: a second read of
+    # ctx.saved_tensors fails there, and nowhere else.
+    reference = adapted(tiny_model_dir)
+    fuse_lora(reference)
+    checkpointed = copy.deepcopy(reference)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointed.train()
+    reference.train()
+
+    loss_ref, grads_ref, input_grad_ref = loss_and_grads(reference, batch)
+    loss, grads, input_grad = loss_and_grads(checkpointed, batch)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(input_grad, input_grad_ref, rtol=1e-5, atol=1e-8)

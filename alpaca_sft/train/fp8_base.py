@@ -223,9 +223,9 @@ class _Fp8LoraLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = _input_grad(base, grad_out.reshape(-1, grad_out.shape[-1])).view(ctx.x_shape)
             return grad_x, None, None, None, None
-        g, grad_xa, grad_a, grad_b = _lora_grads(ctx, grad_out)
+        g, grad_xa, a, grad_a, grad_b = _lora_grads(ctx, grad_out)
         if ctx.needs_input_grad[0]:
-            grad_x = add_low_rank_(_input_grad(base, g), grad_xa, ctx.saved_tensors[2]).view(ctx.x_shape)
+            grad_x = add_low_rank_(_input_grad(base, g), grad_xa, a).view(ctx.x_shape)
         return grad_x, None, grad_a, grad_b, None
 
 

@@ -25,14 +25,16 @@ from torch import nn
 
 
 def _lora_grads(ctx, grad_out):
-    """The output gradient as rows, the gradient of x A^T, and A's and B's gradients in their own dtypes."""
+    """The output gradient as rows, the gradient of x A^T, A (for the input gradient), and A's and B's
+    gradients in their own dtypes. ctx.saved_tensors is read here and only here: under non-reentrant
+    gradient checkpointing a second read fails."""
     x2, xa, a, b = ctx.saved_tensors
     g = grad_out.reshape(-1, grad_out.shape[-1])
     grad_xa = (g @ b).mul_(ctx.scale)  # tokens x r: the scale costs a rank-r pass, not an out_features one
     grad_b = (g.t() @ xa).mul_(ctx.scale)
     grad_a = grad_xa.t() @ x2
     a_dtype, b_dtype = ctx.weight_dtypes
-    return g, grad_xa, grad_a.to(a_dtype), grad_b.to(b_dtype)
+    return g, grad_xa, a, grad_a.to(a_dtype), grad_b.to(b_dtype)
 
 
 def _save(ctx, x, x2, xa, a, b, lora_a, lora_b, scale) -> None:
@@ -58,10 +60,10 @@ class _LoraAdd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        g, grad_xa, grad_a, grad_b = _lora_grads(ctx, grad_out)
+        g, grad_xa, a, grad_a, grad_b = _lora_grads(ctx, grad_out)
         grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_x = (grad_xa @ ctx.saved_tensors[2]).view(ctx.x_shape).to(ctx.x_dtype)
+            grad_x = (grad_xa @ a).view(ctx.x_shape).to(ctx.x_dtype)
         return grad_out, grad_x, grad_a, grad_b, None
 
 
@@ -84,8 +86,8 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        g, grad_xa, grad_a, grad_b = _lora_grads(ctx, grad_out)
-        grad_x = (grad_xa @ ctx.saved_tensors[2]).addmm_(g, ctx.weight).view(ctx.x_shape)
+        g, grad_xa, a, grad_a, grad_b = _lora_grads(ctx, grad_out)
+        grad_x = (grad_xa @ a).addmm_(g, ctx.weight).view(ctx.x_shape)
         return grad_x, None, grad_a, grad_b, None
 
 
