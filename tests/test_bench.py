@@ -53,3 +53,17 @@ def test_step_breakdown_times_each_lever_on_the_same_micro_batches(tiny_model_di
     assert variants["bf16-adapters"]["tokens"] == variants["no-adapters"]["tokens"] == variants["recipe"]["tokens"]
     assert variants["rows-4"]["tokens"] > variants["recipe"]["tokens"] > 0
     assert all(v["tokens_per_second"] > 0 for v in variants.values())
+
+
+def test_attention_kernels_times_the_workloads_own_packed_micro_batches(tokenizer_dir, tokenizer, tmp_path):
+    import attention_kernels
+
+    from alpaca_sft.data.dataset import build_dataset
+
+    data = workload.write_workload(tmp_path / "w.jsonl", tokenizer, records=600)
+    batches = attention_kernels.packed_micro_batches(str(tokenizer_dir), str(data), rows=6, count=3)
+    lengths = {len(ids) for ids in build_dataset(str(data), tokenizer, max_length=2048)[0]["input_ids"]}
+    assert len(batches) == 3 and len({tuple(b) for b in batches}) == 3  # three different micro-batches
+    for documents in batches:  # 6 packed rows of at most 2,048 tokens, each document one whole example
+        assert 5 * 2048 < sum(documents) <= 6 * 2048
+        assert set(documents) <= lengths
