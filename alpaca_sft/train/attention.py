@@ -6,7 +6,8 @@ the examples apart from that: for sdpa, eager and flex_attention transformers bu
 mask from the position_ids itself (tests/test_attention.py checks each against one-by-one runs);
 flash-attn's varlen kernel reads the boundaries. Only a packed row given without position_ids leaks.
 
-This module registers "document_flex" with transformers' AttentionInterface: a compiled
+"auto" picks FlashAttention-4 where it is installed and runs (resolve_attention, below). Without it,
+this module registers "document_flex" with transformers' AttentionInterface: a compiled
 `flex_attention` whose block mask is causal within each example, built once per batch from the
 boundaries and shared by every layer. It is what "auto" picks without flash-attn, on a whole-run
 measurement of the LoRA recipe on one H200 (bench/RESULTS.md): 15,751 tokens/s with 25 s of
@@ -109,9 +110,9 @@ def resolve_attention(requested: str | None, packing: bool) -> str:
     Any other name is passed to transformers as it is.
 
     FlashAttention-4 reads the packed rows' boundaries like flash-attn 2 (transformers' own
-    "flash_attention_4"): on one H100, 1.25x document_flex's forward + backward per layer and +12.7%
-    tokens/s over a whole LoRA run, same loss (bench/RESULTS.md). Its Hopper and Blackwell kernels are
-    the ones it is built for; on older GPUs it is not chosen."""
+    "flash_attention_4"): on one H100, 1.25x document_flex's forward + backward per layer and +7.0%
+    tokens/s over a whole LoRA run, same loss (bench/RESULTS.md). It was measured on Hopper only and is
+    built for Hopper and Blackwell; on older GPUs it is not chosen."""
     if requested not in (None, "auto"):
         return requested
     if torch.cuda.is_available():
