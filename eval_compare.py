@@ -3,8 +3,8 @@
     python eval_compare.py --base mistralai/Mistral-7B-v0.1 --tuned runs/mistral-7b-lora
     python eval_compare.py --base mistralai/Mistral-7B-v0.1 --tuned runs/mistral-7b-lora --push_to_hub me/mistral-7b-alpaca
 
---tuned is the output_dir of train_sft.py (a LoRA or QLoRA adapter, merged here into a
-full-precision load of the base) or an already merged model. Writes comparison.md,
+--tuned is the output_dir of train_sft.py (a LoRA adapter trained on a bf16, FP8 or 4-bit base, merged
+here into a full-precision load of the base) or an already merged model. Writes comparison.md,
 comparison.json and the merged model to --output_dir (default: <tuned>-comparison, beside the
 folder evaluated, never inside it) and prints both models side by side.
 """
@@ -23,30 +23,31 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing", category=FutureWarning)
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from alpaca_sft.data.tokenizer import load_tokenizer
-from alpaca_sft.eval.generate import generate
-from alpaca_sft.eval.prompts import PromptFileError, read_prompts
+from alpaca_sft.eval.prompts import PromptFileError, read_prompt_files
 from alpaca_sft.eval.report import side_by_side, summary_table, write_report
 from alpaca_sft.eval.scoring import score
+from alpaca_sft.models.generation import generate
+from alpaca_sft.models.loading import load_model, this_process_device
+from alpaca_sft.models.tokenizer import TokenizerError, load_tokenizer
 from alpaca_sft.release.card import model_card
 from alpaca_sft.release.merge import logits_on, merge, quantized_gap, save_merged
 from alpaca_sft.release.pairing import PairError, inspect_pair
 from alpaca_sft.release.push import PushError, check_can_push, push
 
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="base model: Hub id or local folder")
     parser.add_argument("--tuned", required=True, help="adapter folder (train_sft.py output_dir) or merged model folder")
-    parser.add_argument("--prompts", default="data/eval_prompts.jsonl", help="JSONL: instruction/input or prompt, optional reference and schema")
+    parser.add_argument("--prompts", nargs="+", default=["data/eval_prompts.jsonl"],
+                        help="JSONL files: instruction/input, question/context/answer or prompt, optional reference and schema")
     parser.add_argument("--output_dir", default=None, help="default: <tuned>-comparison")
     parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=64,
+                        help="prompts generated at once, in batches of similar length (bench/RESULTS.md: prompts per second)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--allow_other_base", action="store_true", help="merge an adapter into a base it was not trained on")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the merged model, tokenizer and card")
@@ -57,52 +58,52 @@ def parse_args(argv=None):
     return args
 
 
-def load(name_or_path, dtype: torch.dtype, device: str):
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
-
-
 def main(args) -> dict:
     # Everything that can be wrong with the inputs is found before any large weights load.
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompt_files(args.prompts)
     tuned = inspect_pair(args.base, args.tuned, args.allow_other_base)
     if args.push_to_hub:
         check_can_push(args.push_to_hub)
     output_dir = Path(args.output_dir or f"{str(tuned.path).rstrip('/')}-comparison")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
+    device = this_process_device()
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     has_tokenizer = (tuned.path / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(tuned.path) if has_tokenizer else args.base)
-    meta = {"base": args.base, "tuned": str(tuned.path), "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
-            "dtype": str(dtype).removeprefix("torch."), "device": device}
+    texts = [p.prompt for p in prompts]
+    meta = {"base": args.base, "tuned": str(tuned.path), "prompts": " ".join(args.prompts),
+            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "dtype": dtype, "device": device}
 
     print(f"base model {args.base}: generating for {len(prompts)} prompts")
-    model = load(args.base, dtype, device)
-    generations = {"base": generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)}
+    model = load_model(args.base, dtype, device=device).eval()
+    generations = {"base": generate(model, tokenizer, texts, args.max_new_tokens, args.batch_size)}
 
     merged_dir = tuned.path
     if tuned.is_adapter:
-        probes = [p.prompt for p in prompts[:4]]
+        probes = texts[:4]
         started = time.perf_counter()
         model, gap = merge(model, tuned.path, tokenizer, probes)
         merged_dir = save_merged(model, tokenizer, output_dir / "merged")
         meta.update(merge_max_abs_logit_diff=gap, merged_to=str(merged_dir),
                     merge_and_save_seconds=round(time.perf_counter() - started, 1))
-        print(f"merged into a {meta['dtype']} base: max |logit(base+adapter) - logit(merged)| = {gap:.2e}; saved to {merged_dir}")
+        print(f"merged into a {dtype} base: max |logit(base+adapter) - logit(merged)| = {gap:.2e}; saved to {merged_dir}")
         if tuned.trained_in_4bit or tuned.trained_in_fp8:
             key, trained = ("qlora_gap", "QLoRA: 4-bit") if tuned.trained_in_4bit else ("fp8_gap", "FP8")
             merged_logits = logits_on(model, tokenizer, probes)
             meta[key] = quantized_gap(args.base, tuned.path, tuned.record.config, tokenizer, probes, merged_logits)
-            print(f"{trained} base + adapter vs merged {meta['dtype']} model: {meta[key]}")
+            print(f"{trained} base + adapter vs merged {dtype} model: {meta[key]}")
     else:
-        model = load(tuned.path, dtype, device)
-    generations["tuned"] = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+        model = load_model(str(tuned.path), dtype, device=device).eval()
+    generations["tuned"] = generate(model, tokenizer, texts, args.max_new_tokens, args.batch_size)
 
-    scores = {name: score(prompts, gens) for name, gens in generations.items()}
-    print(side_by_side(prompts, generations) + "\n\n" + summary_table(scores))
-    write_report(output_dir, prompts, generations, scores, meta)
+    scored = {name: score(prompts, gens) for name, gens in generations.items()}
+    scores = {name: summary for name, (summary, _) in scored.items()}
+    judgments = {name: judged for name, (_, judged) in scored.items()}
+    print(side_by_side(prompts, generations, judgments) + "\n\n" + summary_table(scores))
+    write_report(output_dir, prompts, generations, judgments, scores, meta)
     print(f"\nwrote {output_dir / 'comparison.md'} and {output_dir / 'comparison.json'}")
 
-    card = model_card(args.base, tuned.record, scores, args.prompts, args.push_to_hub or merged_dir.name)
+    card = model_card(args.base, tuned.record, scores, " ".join(args.prompts), args.push_to_hub or merged_dir.name,
+                      tokenizer.eos_token)
     if tuned.is_adapter:  # the merged folder is ours: complete, card included, whether pushed now or later
         card.save(merged_dir / "README.md")
     if args.push_to_hub:
@@ -113,5 +114,5 @@ def main(args) -> dict:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (PromptFileError, PairError, PushError) as err:
+    except (PromptFileError, PairError, PushError, TokenizerError) as err:
         sys.exit(f"error: {err}")

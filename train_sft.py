@@ -30,32 +30,24 @@ warnings.filterwarnings("ignore", message="`use_liger_kernel=True` is deprecated
 from accelerate import PartialState
 from trl import ModelConfig, SFTConfig
 
-from alpaca_sft.data.dataset import build_dataset, preview
+from alpaca_sft.data.dataset import build_training_data, preview
 from alpaca_sft.data.records import DataError
-from alpaca_sft.data.split import split_validation
-from alpaca_sft.data.tokenizer import load_tokenizer
-from alpaca_sft.train.run import TrainingStopped, build_trainer, train
-from alpaca_sft.train.settings import (ScriptArguments, SettingsError, apply_pipeline_settings, check_settings,
-                                      parse_settings)
+from alpaca_sft.models.tokenizer import TokenizerError, load_tokenizer
+from alpaca_sft.train.checks import check_settings
+from alpaca_sft.train.run import Outcome, build_trainer, train
+from alpaca_sft.train.settings import ScriptArguments, SettingsError, apply_pipeline_settings, parse_settings
 
 
-def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig):
+def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> Outcome | None:
+    """Train as the settings say; returns how the run ended (None for --preview)."""
     started, state = time.time(), PartialState()
     check_settings(script_args, training_args, model_args)  # everything that can fail before weights load
-    apply_pipeline_settings(training_args)
+    apply_pipeline_settings(script_args, training_args)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
-
-    def build(source, split="train", max_rows=None):
-        return build_dataset(source, tokenizer, split=split, max_length=training_args.max_length,
-                             drop_invalid_rows=script_args.drop_invalid_rows, overlong_policy=script_args.overlong_policy,
-                             max_rows=max_rows)
-
     with state.main_process_first():  # a Hub dataset is downloaded once
-        dataset, report = build(script_args.dataset_name, script_args.dataset_split, script_args.max_train_rows)
-        dataset, validation = split_validation(dataset, report, size=script_args.validation_size,
-                                               seed=script_args.validation_seed, file=script_args.validation_file,
-                                               build=build)
+        dataset, validation, report = build_training_data(script_args, tokenizer, training_args.max_length,
+                                                          training_args.seed)
     if state.is_main_process:
         print(report.summary())
     if script_args.preview:
@@ -65,15 +57,18 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         return None
 
     trainer = build_trainer(script_args, training_args, model_args, tokenizer, dataset, validation)
-    output_dir = train(trainer, script_args, model_args, report, started, validation)
-    if state.is_main_process:
-        print(f"done: the adapter is in {output_dir} (run_summary.json says how the run went). Compare it with the base:\n"
-              f"  python eval_compare.py --base {model_args.model_name_or_path} --tuned {output_dir}")
-    return trainer
+    outcome = train(trainer, script_args, model_args, report, started, validation)
+    if state.is_main_process and outcome.completed:
+        print(f"done: the adapter is in {outcome.output_dir} (run_summary.json says how the run went). Compare it "
+              f"with the base:\n  python eval_compare.py --base {model_args.model_name_or_path} --tuned {outcome.output_dir}")
+    elif state.is_main_process:
+        print(("error: " if outcome.exit_code == 1 else "") + outcome.message, file=sys.stderr)
+    return outcome
 
 
 if __name__ == "__main__":
     try:
-        main(*parse_settings())
-    except (SettingsError, DataError, TrainingStopped) as err:
+        outcome = main(*parse_settings())
+    except (SettingsError, DataError, TokenizerError) as err:
         sys.exit(f"error: {err}")
+    sys.exit(outcome.exit_code if outcome else 0)

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from alpaca_sft.train.attention import document_mask
+from alpaca_sft.kernels.attention import document_mask
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 VARIANTS = ("flex", "flex-autotune", "flex-blocks-64", "flex-flash", "flex-flash-static", "fa4-varlen",
@@ -59,7 +59,7 @@ def packed_micro_batches(model: str, data: str, rows: int, count: int) -> list[l
     from trl.data_utils import pack_dataset
 
     from alpaca_sft.data.dataset import build_dataset
-    from alpaca_sft.data.tokenizer import load_tokenizer
+    from alpaca_sft.models.tokenizer import load_tokenizer
 
     dataset, _ = build_dataset(data, load_tokenizer(model), max_length=2048)
     packed = pack_dataset(Dataset.from_dict({"input_ids": dataset["input_ids"]}), 2048, strategy="bfd")

@@ -18,7 +18,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from alpaca_sft.train.attention import resolve_attention
+from alpaca_sft.kernels.attention import resolve_attention
 from random_model import MISTRAL_7B  # tools/random_model.py
 
 

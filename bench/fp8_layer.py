@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sf
 import torch
 from torch import nn
 
-from alpaca_sft.train import fp8_base
-from alpaca_sft.train.fp8_base import quantize_frozen_base
-from alpaca_sft.train.fused_lora import fuse_lora
+from alpaca_sft.kernels import fp8_base
+from alpaca_sft.kernels.fp8_base import quantize_frozen_base
+from alpaca_sft.kernels.fused_lora import fuse_lora
 
 HIDDEN, KV, INTERMEDIATE = 4096, 1024, 14336
 

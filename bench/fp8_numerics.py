@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sf
 import torch
 from peft.helpers import disable_input_dtype_casting
 
-from alpaca_sft.train import fp8_base
-from alpaca_sft.train.fp8_base import Fp8FrozenLinear, quantize_frozen_base
+from alpaca_sft.kernels import fp8_base
+from alpaca_sft.kernels.fp8_base import Fp8FrozenLinear, quantize_frozen_base
 
 
 def first_step(args) -> dict:
@@ -33,7 +33,7 @@ def first_step(args) -> dict:
     recipe), then in FP8, all from the same weights: the FP8 base's distance from bf16 set beside
     bf16's own distance from fp32."""
     from alpaca_sft.data.dataset import build_dataset
-    from alpaca_sft.data.tokenizer import load_tokenizer
+    from alpaca_sft.models.tokenizer import load_tokenizer
     from alpaca_sft.train.run import build_trainer
     from alpaca_sft.train.settings import parse_settings
 

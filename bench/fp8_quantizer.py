@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sf
 
 import torch
 
-from alpaca_sft.train.fp8_base import _row_quantizer, quantize_rows
+from alpaca_sft.kernels.fp8_base import quantize_rows, row_quantizer
 
 
 def gbps(fn, x, repeats=50) -> float:
@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=12288)
     parser.add_argument("--out", type=Path, default=Path("bench/results/fp8/quantizer.json"))
     args = parser.parse_args()
-    quantize, inductor = _row_quantizer(), torch.compile(quantize_rows, dynamic=True)
+    quantize, inductor = row_quantizer(), torch.compile(quantize_rows, dynamic=True)
     results = {"device": torch.cuda.get_device_name(), "tokens": args.tokens, "GB/s": {}}
     for columns in (1024, 4096, 14336):
         x = torch.randn(args.tokens, columns, device="cuda", dtype=torch.bfloat16)

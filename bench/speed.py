@@ -107,7 +107,7 @@ def run_config(name, recipe, flags, args, work: Path) -> dict:
 def epoch_tokens(model: str, data: str) -> int:
     """Every token of one epoch of the workload (template and EOS included), as training counts them."""
     from alpaca_sft.data.dataset import build_dataset
-    from alpaca_sft.data.tokenizer import load_tokenizer
+    from alpaca_sft.models.tokenizer import load_tokenizer
 
     return build_dataset(data, load_tokenizer(model), max_length=2048)[1].total_tokens
 

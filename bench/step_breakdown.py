@@ -36,7 +36,7 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 
 from alpaca_sft.data.dataset import build_dataset
-from alpaca_sft.data.tokenizer import load_tokenizer
+from alpaca_sft.models.tokenizer import load_tokenizer
 from alpaca_sft.train.run import build_trainer as build_training_trainer
 from alpaca_sft.train.settings import parse_settings
 from speed import linear_weights, matmul_tflops  # bench/speed.py, beside this script

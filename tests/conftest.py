@@ -36,11 +36,13 @@ def parse(*overrides, config=TINY):
 
 
 # The tiny recipe validates on 4 held-out examples; most tests train on a few examples and need none
-# (tests/test_validation.py turns it back on). Later flags win, so a test's own overrides come last.
-NO_VALIDATION = ("--validation_size", 0, "--eval_strategy", "no", "--eval_on_start", "false", "--samples_at_end", 0)
+# (tests/test_validation.py turns it back on): validation_size 0 turns validation off. Later flags win,
+# so a test's own overrides come last.
+NO_VALIDATION = ("--validation_size", 0)
 
 
 def train(model_dir, output_dir, *overrides):
+    """train_sft.py's main on the tiny recipe: the run's Outcome (its trainer in .trainer)."""
     import train_sft
 
     return train_sft.main(*parse("--model_name_or_path", model_dir, "--output_dir", output_dir, *NO_VALIDATION, *overrides))
@@ -55,7 +57,7 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
-    from alpaca_sft.data.tokenizer import load_tokenizer
+    from alpaca_sft.models.tokenizer import load_tokenizer
 
     return load_tokenizer(str(tokenizer_dir))
 

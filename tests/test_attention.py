@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from alpaca_sft.train.attention import DOCUMENT_FLEX, resolve_attention
-from alpaca_sft.train.model import pin_liger_rope_to_triton
+from alpaca_sft.kernels.attention import DOCUMENT_FLEX, resolve_attention
+from alpaca_sft.kernels.liger import pin_liger_rope_to_triton
 
 
 def per_token_loss(logits, labels):
@@ -96,7 +96,7 @@ def test_auto_picks_document_flex_for_packed_rows_and_passes_other_names_through
     ],
 )
 def test_auto_on_a_gpu_picks_flash_attention_only_where_it_runs(monkeypatch, capability, fa4, fa2, expected):
-    from alpaca_sft.train import attention
+    from alpaca_sft.kernels import attention
 
     monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(attention.torch.cuda, "get_device_capability", lambda *a: capability)

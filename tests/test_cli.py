@@ -24,7 +24,8 @@ def run_train(*args, cwd=REPO):
 def test_every_recipe_parses_into_the_argument_dataclasses(recipe, tmp_path, tokenizer_dir):
     import torch
 
-    from alpaca_sft.train.settings import check_settings, parse_settings
+    from alpaca_sft.train.checks import check_settings
+    from alpaca_sft.train.settings import parse_settings
 
     # Without a GPU, TrainingArguments refuses bf16, the checks refuse 4-bit unless use_cpu is explicit,
     # and Liger's Triton kernels are not installed; everything else is checked as shipped.
@@ -52,7 +53,8 @@ def test_every_recipe_parses_into_the_argument_dataclasses(recipe, tmp_path, tok
 def test_a_recipe_asking_for_liger_without_it_installed_fails_before_loading(monkeypatch, tmp_path):
     import importlib.util
 
-    from alpaca_sft.train.settings import SettingsError, check_settings, parse_settings
+    from alpaca_sft.train.checks import check_settings
+    from alpaca_sft.train.settings import SettingsError, parse_settings
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a))
@@ -116,7 +118,7 @@ def test_bad_row_fails_before_weights_load_and_names_the_row(tmp_path, tokenizer
     [
         (["--lora_r", "0"], "lora_r=0"),
         (["--max_length", "0"], "max_length=0"),
-        (["--overlong_policy", "truncate"], "overlong_policy='truncate'"),
+        (["--overlong_policy", "truncate"], "--overlong_policy/--overlong-policy: invalid choice: 'truncate'"),
         (["--dataset_name", "missing.jsonl"], "no such file"),
         (["--use_peft", "false", "--load_in_4bit", "true"], "only be trained through adapters"),
         (["--num_train_epochs", "0", "--max_steps", "-1"], "nothing would be trained"),
@@ -135,11 +137,11 @@ def test_bad_row_fails_before_weights_load_and_names_the_row(tmp_path, tokenizer
     ],
 )
 def test_bad_settings_are_refused_before_weights_load(tmp_path, tokenizer_dir, override, message):
-    from alpaca_sft.train.settings import SettingsError, check_settings
+    from alpaca_sft.train.checks import check_settings
+    from alpaca_sft.train.settings import SettingsError
 
-    args = parse("--model_name_or_path", tokenizer_dir, "--output_dir", tmp_path / "out", *override)
-    with pytest.raises(SettingsError) as err:
-        check_settings(*args)
+    with pytest.raises(SettingsError) as err:  # a choice or a range of the project's own is refused while parsing
+        check_settings(*parse("--model_name_or_path", tokenizer_dir, "--output_dir", tmp_path / "out", *override))
     assert message in str(err.value)
     if "no-such-model" in message:  # "build/" exists in a checkout that ran the quickstart, not in a fresh one
         assert ("model folder build/no-such-model does not exist" in str(err.value)

@@ -9,9 +9,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
-from alpaca_sft.train import fp8_base
-from alpaca_sft.train.fp8_base import E4M3_MAX, Fp8FrozenLinear, quantize_frozen_base, quantize_rows
-from alpaca_sft.train.fused_lora import fuse_lora
+from alpaca_sft.kernels import fp8_base
+from alpaca_sft.kernels.fp8_base import E4M3_MAX, Fp8FrozenLinear, quantize_frozen_base, quantize_rows
+from alpaca_sft.kernels.fused_lora import fuse_lora
 
 
 def dequantize(q, scale):
@@ -195,17 +195,17 @@ def test_fp8_recipe_path_trains_validates_and_saves_with_fp8_emulated_on_the_cpu
     from conftest import train
     from safetensors.torch import load_file
 
-    from alpaca_sft.train import settings
+    from alpaca_sft.train import checks
 
-    monkeypatch.setattr(settings, "fp8_gemm_problem", lambda use_cpu=False: None)
+    monkeypatch.setattr(checks, "fp8_gemm_problem", lambda use_cpu=False: None)
     run = tmp_path / "run"
     trainer = train(tiny_model_dir, run, "--fp8_base", "true", "--dtype", "bfloat16", "--max_steps", 8,
                     "--learning_rate", 1e-2, "--validation_size", 4, "--eval_strategy", "steps", "--eval_steps", 4,
-                    "--samples_at_end", 1)
+                    "--samples_at_end", 1).trainer
     assert sum(isinstance(m, Fp8FrozenLinear) for m in trainer.model.modules()) == 2 * 7
     summary = json.loads((run / "run_summary.json").read_text())
     assert summary["status"] == "completed" and summary["last_loss"] < summary["first_loss"]
-    assert [e["step"] for e in summary["validation"]["evaluations"]] == [4, 8]
+    assert [e["step"] for e in summary["validation"]["evaluations"]] == [0, 4, 8]
     assert summary["samples_at_end"]["prompts"] == 1
     assert yaml.safe_load((run / "train_config.yaml").read_text())["fp8_base"] is True  # what eval_compare reads
     adapter = load_file(run / "adapter_model.safetensors")

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from peft.helpers import disable_input_dtype_casting
 from transformers import AutoModelForCausalLM
 
-from alpaca_sft.train.fused_lora import fuse_lora
+from alpaca_sft.kernels.fused_lora import fuse_lora
 
 
 def adapted(model_dir, dtype=torch.float32, **lora):

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 import train_sft
 from alpaca_sft.data.template import render_prompt
 from alpaca_sft.train.callbacks import GracefulStop
-from alpaca_sft.train.run import TrainingStopped
 
 
 def greedy(model, tokenizer, prompt, max_new_tokens=30):
@@ -25,7 +24,7 @@ def greedy(model, tokenizer, prompt, max_new_tokens=30):
 
 
 def test_lora_weights_move_and_base_weights_do_not(tiny_model_dir, tmp_path):
-    trainer = train(tiny_model_dir, tmp_path / "run", "--max_steps", 5, "--learning_rate", 1e-2)
+    trainer = train(tiny_model_dir, tmp_path / "run", "--max_steps", 5, "--learning_rate", 1e-2).trainer
     original = load_file(tiny_model_dir / "model.safetensors")
     lora_b, base = {}, {}
     for name, param in trainer.model.named_parameters():
@@ -78,9 +77,8 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, tmp_path, mo
         return original(self, args, state, control, **kwargs)
 
     monkeypatch.setattr(GracefulStop, "on_step_end", sigterm_at_step_3)
-    with pytest.raises(SystemExit) as stopped:
-        train(tiny_model_dir, tmp_path / "split", *steps)
-    assert stopped.value.code == 128 + signal.SIGTERM
+    stopped = train(tiny_model_dir, tmp_path / "split", *steps)
+    assert stopped.exit_code == 128 + signal.SIGTERM and "--resume_from_checkpoint true" in stopped.message
     assert (tmp_path / "split" / "checkpoint-3" / "adapter_model.safetensors").exists()
     summary = json.loads((tmp_path / "split" / "run_summary.json").read_text())
     assert summary["status"] == "stopped: SIGTERM at step 3" and summary["global_step"] == 3
@@ -106,13 +104,13 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, tmp_path, mo
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
     # A learning rate of 1e30 makes the LoRA weights overflow within a few steps.
     out = tmp_path / "run"
-    with pytest.raises(TrainingStopped, match="became NaN/inf at step") as err:
-        train(tiny_model_dir, out, "--max_steps", 20, "--learning_rate", 1e30, "--max_grad_norm", 0,
-              "--save_strategy", "steps", "--save_steps", 1)
+    outcome = train(tiny_model_dir, out, "--max_steps", 20, "--learning_rate", 1e30, "--max_grad_norm", 0,
+                    "--save_strategy", "steps", "--save_steps", 1)
+    assert outcome.exit_code == 1 and "became NaN/inf at step" in outcome.message
     tripped = json.loads((out / "run_summary.json").read_text())["global_step"]
     checkpoints = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert checkpoints and checkpoints[-1] == tripped - 1  # nothing saved at or after the bad step
-    assert f"checkpoint-{tripped - 1}" in str(err.value)
+    assert f"checkpoint-{tripped - 1}" in outcome.message
     weights = load_file(out / f"checkpoint-{tripped - 1}" / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (out / "adapter_model.safetensors").exists()  # no final adapter from a broken run
@@ -159,7 +157,7 @@ def test_run_outputs_reload_without_guesswork(tiny_model_dir, tmp_path):
 def test_qlora_trains_on_cpu(tiny_model_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     trainer = train(tiny_model_dir, tmp_path / "run", "--load_in_4bit", "true", "--use_cpu", "true",
-                    "--max_steps", 3, "--logging_steps", 1, "--learning_rate", 1e-2, "--dtype", "bfloat16")
+                    "--max_steps", 3, "--logging_steps", 1, "--learning_rate", 1e-2, "--dtype", "bfloat16").trainer
     linear = trainer.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert type(linear).__name__ == "Linear4bit"
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -247,7 +245,7 @@ def test_a_run_whose_adapter_cannot_be_saved_whole_fails_instead_of_completing(t
 
     monkeypatch.setattr(dcp_state_dict, "get_model_state_dict", half_of_each_tensor)
     out = tmp_path / "run"
-    with pytest.raises(TrainingStopped, match="is not what was trained") as err:
-        train(tiny_model_dir, out, "--max_steps", 1)
-    assert "q_proj.lora_A.weight: shape [8, 64], the trained tensor is [16, 64]" in str(err.value)
+    outcome = train(tiny_model_dir, out, "--max_steps", 1)
+    assert outcome.exit_code == 1 and "is not what was trained" in outcome.message
+    assert "q_proj.lora_A.weight: shape [8, 64], the trained tensor is [16, 64]" in outcome.message
     assert json.loads((out / "run_summary.json").read_text())["status"].startswith("failed: the adapter saved")

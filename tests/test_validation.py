@@ -12,7 +12,8 @@ from conftest import NO_VALIDATION, THREE, parse, train, write_jsonl
 from alpaca_sft.data.dataset import build_dataset
 from alpaca_sft.data.records import DataError
 from alpaca_sft.data.split import hold_out, overlap, split_validation
-from alpaca_sft.train.settings import SettingsError, check_settings
+from alpaca_sft.train.checks import check_settings
+from alpaca_sft.train.settings import SettingsError
 
 
 def rows(*contents):
@@ -46,10 +47,8 @@ def test_a_validation_file_is_used_as_it_is_and_its_overlap_reported(tmp_path, t
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--eval_strategy", "steps", "--eval_steps", 5, "--validation_size", 0], "there is no validation data"),
     (["--validation_size", 4, "--validation_file", "data/alpaca_sample.jsonl"], "pick one"),
     (["--validation_size", 2.5], "a whole number of examples"),
-    (["--validation_size", 0, "--eval_strategy", "no", "--samples_at_end", 2], "samples_at_end answers validation prompts"),
     (["--validation_size", 0, "--validation_file", "missing.jsonl"], "no such"),
 ])
 def test_validation_settings_that_cannot_work_are_refused_before_loading(flags, message, tiny_model_dir, tmp_path):
@@ -57,18 +56,27 @@ def test_validation_settings_that_cannot_work_are_refused_before_loading(flags, 
         check_settings(*parse("--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "run", *flags))
 
 
+def test_validation_size_0_alone_turns_validation_off(tmp_path):
+    from alpaca_sft.train.settings import apply_pipeline_settings
+
+    script_args, training_args, _ = parse("--output_dir", tmp_path / "run", "--validation_size", 0)
+    assert training_args.eval_strategy != "no" and training_args.eval_on_start and script_args.samples_at_end  # the recipe's
+    apply_pipeline_settings(script_args, training_args)
+    assert training_args.eval_strategy == "no" and not training_args.eval_on_start and script_args.samples_at_end == 0
+
+
 def validating_trainer(model_dir, adapter, data_file, tmp_path, *flags):
     """The trainer train_sft.py builds, with a trained adapter's weights loaded into it, to evaluate them."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from alpaca_sft.data.tokenizer import load_tokenizer
+    from alpaca_sft.models.tokenizer import load_tokenizer
     from alpaca_sft.train.run import build_trainer
     from alpaca_sft.train.settings import apply_pipeline_settings
 
     script_args, training_args, model_args = parse("--model_name_or_path", model_dir, "--output_dir", tmp_path / "eval",
                                                     "--dataset_name", data_file, "--report_to", "none", *NO_VALIDATION, *flags)
-    apply_pipeline_settings(training_args)
+    apply_pipeline_settings(script_args, training_args)
     tokenizer = load_tokenizer(str(model_dir))
     validation, _ = build_dataset(str(data_file), tokenizer)
     trainer = build_trainer(script_args, training_args, model_args, tokenizer, validation, validation)

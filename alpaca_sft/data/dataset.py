@@ -1,10 +1,11 @@
-"""The training set and its report: read -> check -> render the Alpaca prompt -> tokenize with
-completion-only labels -> length policy. Runs on the tokenizer alone, so bad data fails before any
-model weights load."""
+"""The training set and its report: read -> check -> render the prompt -> tokenize with completion-only
+labels -> length policy -> mix in a second data set -> hold out the validation examples. Runs on the
+tokenizer alone, so bad data fails before any model weights load."""
 
 from __future__ import annotations
 
 import json
+import random
 import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .records import MAX_ROWS_NAMED, DataError, read_rows, to_examples
+from .split import split_validation
 from .tokenize import IGNORE_INDEX, tokenize
 
 ROWS_NAMED_IN_REPORT = 5  # per reason of dropping
@@ -31,6 +33,7 @@ class DataReport:
     tokens_per_example: dict[str, float] = field(default_factory=dict)
     prompt_tokens: int = 0
     trained_tokens: int = 0
+    mix: dict[str, Any] | None = None  # mix_in: the second data set, and the share of training examples it makes up
     validation: dict[str, Any] | None = None  # data/split.py: where the validation examples came from
 
     @property
@@ -58,8 +61,17 @@ class DataReport:
             + f"\ntokens per example: mean {t.get('mean', 0):.1f}, median {t.get('median', 0):.0f}, "
             f"max {t.get('max', 0):.0f}; {self.total_tokens:,} tokens in all = "
             f"{self.prompt_tokens:,} prompt (masked) + {self.trained_tokens:,} trained (response + EOS)"
+            + self._mix_line()
             + self._validation_line()
         )
+
+    def _mix_line(self) -> str:
+        m = self.mix
+        if not m:
+            return ""
+        return (f"\nmixed in: {m['examples']} of the {m['examples_available']} examples of {m['source']} "
+                f"({m['rows_read']} rows read), {m['share']:.1%} of the training examples (asked: {m['share_asked']:.1%}); "
+                f"{m['total_tokens']:,} of the tokens above")
 
     def _validation_line(self) -> str:
         v = self.validation
@@ -113,13 +125,51 @@ def build_dataset(
             report.drop(too_long, f"{example['where']}: {len(row['input_ids'])} tokens")
     if not kept:
         raise DataError(f"no trainable examples left in {source}: {report.summary()}")
-
-    lengths = [len(r["input_ids"]) for r in kept]
     report.rows_kept = len(kept)
-    report.trained_tokens = sum(sum(1 for label in r["labels"] if label != IGNORE_INDEX) for r in kept)
+    _count_tokens(report, kept)
+    return Dataset.from_list(kept), report
+
+
+def _count_tokens(report: DataReport, rows: list[dict]) -> None:
+    lengths = [len(r["input_ids"]) for r in rows]
+    report.trained_tokens = sum(sum(1 for label in r["labels"] if label != IGNORE_INDEX) for r in rows)
     report.prompt_tokens = sum(lengths) - report.trained_tokens
     report.tokens_per_example = {"mean": statistics.fmean(lengths), "median": statistics.median(lengths), "max": max(lengths)}
-    return Dataset.from_list(kept), report
+
+
+def mix_in(dataset, report: DataReport, mix, mix_report: DataReport, share: float, seed: int):
+    """`dataset` with examples of `mix` drawn (by `seed`, without repeats) to make up `share` of the
+    result, or all of them where there are fewer; the order is shuffled so that the two sets are
+    interleaved in training. The report then counts the tokens of both, and says the share reached."""
+    from datasets import concatenate_datasets
+
+    wanted = round(share / (1 - share) * len(dataset))
+    rng = random.Random(seed)
+    drawn = sorted(rng.sample(range(len(mix)), min(wanted, len(mix))))
+    mixed = concatenate_datasets([dataset, mix.select(drawn)])
+    mixed = mixed.select(rng.sample(range(len(mixed)), len(mixed)))
+    mix_tokens = sum(len(ids) for ids in mix.select(drawn)["input_ids"])
+    report.mix = {"source": mix_report.source, "rows_read": mix_report.rows_read, "examples_available": len(mix),
+                  "examples": len(drawn), "share_asked": share, "share": len(drawn) / len(mixed),
+                  "dropped": mix_report.dropped, "total_tokens": mix_tokens, "seed": seed}
+    _count_tokens(report, list(mixed))
+    return mixed, report
+
+
+def build_training_data(script_args, tokenizer, max_length: int | None, seed: int = 42):
+    """(train, validation or None, report) as the settings say: dataset_name, with mix_dataset_name mixed in,
+    and the validation examples held out of the result (or read from validation_file)."""
+    def build(source, split="train", max_rows=None):
+        return build_dataset(source, tokenizer, split=split, max_length=max_length, max_rows=max_rows,
+                             drop_invalid_rows=script_args.drop_invalid_rows, overlong_policy=script_args.overlong_policy)
+
+    dataset, report = build(script_args.dataset_name, script_args.dataset_split, script_args.max_train_rows)
+    if script_args.mix_dataset_name:
+        mix, mix_report = build(script_args.mix_dataset_name)
+        dataset, report = mix_in(dataset, report, mix, mix_report, script_args.mix_share, seed)
+    dataset, validation = split_validation(dataset, report, size=script_args.validation_size,
+                                           seed=script_args.validation_seed, file=script_args.validation_file, build=build)
+    return dataset, validation, report
 
 
 def preview(rows: Iterable[dict], tokenizer, n: int, path: Path) -> str:

@@ -1,5 +1,8 @@
 """Reading records and checking them: a local .json/.jsonl/.parquet/.csv file or a Hub dataset in,
-Alpaca prompt/completion pairs out, every unusable row named by row and line.
+prompt/completion pairs out, every unusable row named by row and line.
+
+Two layouts of row are read: Alpaca's instruction/input/output, rendered with the Alpaca template, and
+text-to-SQL's question/context/answer (b-mc2/sql-create-context), rendered in the showcase's layout.
 
 Problems of a whole file (not found, a URL, a JSON object where a list belongs, a missing column)
 are reported once, as such; problems of a row name the row. A UTF-8 byte-order mark is accepted in
@@ -14,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .template import render_prompt
+from ..hub import hub_problem, looks_local
+from .template import render_prompt, render_sql_prompt
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 REQUIRED_FIELDS = ("instruction", "output")
+SQL_FIELDS = ("question", "context", "answer")
 MAX_ROWS_NAMED = 200  # an error names at most this many bad rows, then counts the rest
 BOM = "\ufeff"
 
@@ -120,10 +125,10 @@ def _read_table(path: Path) -> list[Row]:
     rows = _read_with_datasets(path.suffix.lstrip("."), data_files=str(path), split="train")
     columns = set(rows[0].record) if rows else set()
     missing = [f for f in REQUIRED_FIELDS if f not in columns]
-    if rows and missing:
+    if rows and missing and not set(SQL_FIELDS) <= columns:
         raise DataError(
             f"{path} has no {' or '.join(f'`{m}`' for m in missing)} column (its columns: {', '.join(sorted(columns))}); "
-            "the fields are instruction, input (optional) and output"
+            "the fields are instruction, input (optional) and output, or question, context and answer"
         )
     return rows
 
@@ -141,9 +146,23 @@ def _read_with_datasets(name: str, **kwargs: Any) -> list[Row]:
     return [Row(index=i, record=record) for i, record in enumerate(table)]
 
 
+def dataset_problem(name: str) -> str | None:
+    """For a Hub dataset id (local files are checked by the reader), in seconds: None if it can be had."""
+    if Path(name).exists() or Path(name).suffix or name.startswith(("http://", "https://")):
+        return None  # a local file or folder, a URL: the reader says what is wrong with it
+    if looks_local(name):
+        return f"dataset folder {name} does not exist"
+    return hub_problem(name, "dataset")
+
+
 # --------------------------------------------------------------------------------------------
 # Checking
 # --------------------------------------------------------------------------------------------
+
+
+def is_sql_row(record: dict) -> bool:
+    """A text-to-SQL row (question/context/answer) rather than an Alpaca one."""
+    return "instruction" not in record and "question" in record
 
 
 def problem_with(row: Row) -> tuple[str, str] | None:
@@ -153,7 +172,7 @@ def problem_with(row: Row) -> tuple[str, str] | None:
     record = row.record
     if not isinstance(record, dict):
         return "not an object", f"expected an object with instruction/input/output, got {type(record).__name__}"
-    for key in REQUIRED_FIELDS:
+    for key in SQL_FIELDS if is_sql_row(record) else REQUIRED_FIELDS:
         if key not in record or record[key] is None:
             return f"missing {key}", f"no `{key}` field"
         if not isinstance(record[key], str):
@@ -165,6 +184,13 @@ def problem_with(row: Row) -> tuple[str, str] | None:
     return None
 
 
+def render(record: dict) -> dict[str, str]:
+    """A valid row as the prompt the model sees and the completion it learns."""
+    if is_sql_row(record):
+        return {"prompt": render_sql_prompt(record["question"], record["context"]), "completion": record["answer"]}
+    return {"prompt": render_prompt(record["instruction"], record.get("input") or ""), "completion": record["output"]}
+
+
 def to_examples(rows: list[Row], drop_invalid: bool, source: str) -> tuple[list[dict[str, str]], list[Invalid]]:
     """Prompt/completion pairs of the valid rows (with where each came from), and the invalid rows.
     Unless drop_invalid, any invalid row raises one DataError naming each of them."""
@@ -174,9 +200,7 @@ def to_examples(rows: list[Row], drop_invalid: bool, source: str) -> tuple[list[
         if problem:
             invalid.append(Invalid(row, *problem))
             continue
-        record = row.record
-        prompt = render_prompt(record["instruction"], record.get("input") or "")
-        examples.append({"prompt": prompt, "completion": record["output"], "where": row.where})
+        examples.append({**render(row.record), "where": row.where})
     if invalid and not drop_invalid:
         named = [f"  {bad.row.where}: {bad.detail}" for bad in invalid[:MAX_ROWS_NAMED]]
         if len(invalid) > MAX_ROWS_NAMED:

@@ -22,3 +22,18 @@ def render_prompt(instruction: str, input: str = "") -> str:
     if input and input.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+# Text-to-SQL rows (b-mc2/sql-create-context: question, context = CREATE TABLE statements, answer = the
+# query) in the showcase's layout: an Alpaca-style prompt whose "### Input:" is the question and whose
+# "### Context:" is the schema. It ends in "### Response:\n", as the Alpaca prompt does, for the same reason.
+SQL_INSTRUCTION = (
+    "You are a powerful text-to-SQL model. Your job is to answer questions about a database. You are given a "
+    "question and context regarding one or more tables.\n\nYou must output the SQL query that answers the question."
+)
+PROMPT_SQL = "### Instruction:\n{instruction}\n\n### Input:\n{question}\n\n### Context:\n{context}\n\n### Response:\n"
+
+
+def render_sql_prompt(question: str, context: str) -> str:
+    """The showcase's prompt for one text-to-SQL row."""
+    return PROMPT_SQL.format(instruction=SQL_INSTRUCTION, question=question, context=context)

@@ -14,28 +14,32 @@ RECIPE_KEYS = ("model_name_or_path", "dataset_name", "lora_r", "lora_alpha", "lo
 TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
 
 
-def model_card(base: str, record: RunRecord | None, scores: dict, prompts_file: str, model_name: str) -> ModelCard:
+def model_card(base: str, record: RunRecord | None, scores: dict, prompts_file: str, model_name: str,
+               eos_token: str = "</s>") -> ModelCard:
     recipe, summary = (record.config, record.summary) if record else ({}, {})
     dataset = recipe.get("dataset_name", "tatsu-lab/alpaca")
-    alpaca = dataset == "tatsu-lab/alpaca"
+    mixed = recipe.get("mix_dataset_name")
+    alpaca = "alpaca" in dataset.lower()
     tuned = scores.get("tuned", {})
     results = [
         EvalResult(task_type="text-generation", dataset_type="json", dataset_name=prompts_file, metric_type=key,
                    metric_name=label, metric_value=round(tuned[key], 4))
-        for key, label, _ in METRICS if tuned.get(key) is not None and key != "seconds_per_prompt"
+        for key, label, _ in METRICS if tuned.get(key) is not None and key != "prompts_per_second"
     ]
-    data = ModelCardData(base_model=base, datasets=[dataset], license="cc-by-nc-4.0" if alpaca else "other",
+    data = ModelCardData(base_model=base, datasets=[dataset] + ([mixed] if mixed else []),
+                         license="cc-by-nc-4.0" if alpaca else "other",
                          library_name="transformers", tags=["sft", "trl", "peft", "lora", "alpaca"],
                          model_name=model_name, eval_results=results or None)
-    adapter = "QLoRA" if recipe.get("load_in_4bit") else "LoRA"
+    adapter = "QLoRA" if recipe.get("load_in_4bit") else "FP8-base LoRA" if recipe.get("fp8_base") else "LoRA"
+    mix = f", with `{mixed}` mixed in ({recipe.get('mix_share', 0):.0%} of the examples)" if mixed else ""
     lines = [
         f"# {base.split('/')[-1]} instruction-tuned on {dataset}", "",
         f"`{base}` with a {adapter} adapter trained by TRL's SFTTrainer on Alpaca-formatted instructions "
         "(completion-only loss: the response and its EOS), then merged into the full-precision base weights.", "",
         "## Data and license", "",
-        f"Trained on `{dataset}`." + (" The Alpaca data set is CC BY-NC 4.0: this model is for non-commercial use." if alpaca else ""),
+        f"Trained on `{dataset}`{mix}." + (" The Alpaca data set is CC BY-NC 4.0: this model is for non-commercial use." if alpaca else ""),
         "", "## Prompt", "",
-        "The Stanford Alpaca template, ending in `### Response:\\n`; the model answers and emits `</s>`.", "",
+        f"The Stanford Alpaca template, ending in `### Response:\\n`; the model answers and emits `{eos_token}`.", "",
     ]
     if recipe:
         lines += ["## Recipe", "", "| setting | value |", "|---|---|"]

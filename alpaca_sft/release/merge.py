@@ -10,12 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ..train.model import set_generation_ids
+from ..kernels.fp8_base import fp8_gemm_problem, quantize_frozen_base
+from ..kernels.fused_lora import fuse_lora
+from ..models.loading import load_model, set_generation_ids, this_process_device
 
 
 def logits_on(model, tokenizer, texts: list[str]) -> torch.Tensor:
-    tokenizer.padding_side = "left"
-    inputs = tokenizer(texts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    """The logits at every real (unpadded) position of `texts`, batched."""
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(next(model.parameters()).device)
     with torch.no_grad():
         logits = model(**inputs).logits.float()
     return logits[inputs["attention_mask"].bool()]
@@ -42,22 +44,15 @@ def quantized_gap(base: str, adapter_dir: Path, recorded: dict, tokenizer, probe
     from dataclasses import fields
 
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
     from trl import ModelConfig, get_quantization_config
-
-    from ..train.fp8_base import quantize_frozen_base
-    from ..train.fused_lora import fuse_lora
-    from ..train.settings import fp8_gemm_problem
 
     fp8 = bool(recorded.get("fp8_base"))
     if fp8 and torch.cuda.is_available() and (problem := fp8_gemm_problem()):
         return {"not_measured": f"the FP8 base needs a Hopper GPU or newer, and {problem}"}
     model_args = ModelConfig(**{f.name: recorded[f.name] for f in fields(ModelConfig) if f.name in recorded})
-    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
-    dtype = torch.bfloat16 if fp8 else dtype  # an FP8 base is quantized from bf16 weights, as training requires
-    device_map = {"": 0} if torch.cuda.is_available() else None
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=get_quantization_config(model_args),
-                                                 dtype=dtype, device_map=device_map)
+    dtype = "bfloat16" if fp8 else model_args.dtype  # an FP8 base is quantized from bf16 weights, as training requires
+    model = load_model(base, dtype, device=this_process_device(),
+                       quantization_config=get_quantization_config(model_args))
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     if fp8:  # as training ran it (the CPU emulates FP8's GEMMs: same numbers, slowly)
         quantize_frozen_base(model)

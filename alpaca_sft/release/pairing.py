@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..data.sources import model_fingerprint, model_problem
+from ..models.sources import model_fingerprint, model_problem
 from ..train.run_record import RunRecord
 
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

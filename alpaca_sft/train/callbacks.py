@@ -1,6 +1,6 @@
-"""Trainer callbacks: one progress line with throughput (and one per evaluation), an evaluation
-after the last step, a stop on SIGTERM/Ctrl-C that keeps a resumable checkpoint, and a stop on a
-non-finite loss before it can overwrite a good checkpoint."""
+"""Trainer callbacks: the throughput kept in the run's log history, one console line per log (and one
+per evaluation), an evaluation after the last step, a stop on SIGTERM/Ctrl-C that keeps a resumable
+checkpoint, and a stop on a non-finite loss before it can overwrite a good checkpoint."""
 
 from __future__ import annotations
 
@@ -29,16 +29,14 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
-class ProgressLine(TrainerCallback):
-    """The console's one line per logging step (step, loss, tokens/s, time left), replacing the
-    Trainer's own progress bar and dict printout. Each logged entry of the run's log history also
-    gets the facts the line is made of, `tokens_per_second` over the window since the last log and
-    `train_seconds` since the run began, summed across interruptions: the log history is what a
-    checkpoint keeps, so a resumed run's record covers the whole run."""
+class ThroughputRecord(TrainerCallback):
+    """Adds to each logged training entry of the run's log history `tokens_per_second` over the window since
+    the last log and `train_seconds` since the run began, summed across interruptions: the log history is what
+    a checkpoint keeps, so a resumed run's record (run_record.py) covers the whole run. Evaluation time is
+    left out of the windows."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_time = time.perf_counter()
-        self.start_step = state.global_step
         self.last_tokens = state.num_input_tokens_seen
         self.earlier_seconds = next((h["train_seconds"] for h in reversed(state.log_history) if "train_seconds" in h), 0.0)
 
@@ -47,22 +45,34 @@ class ProgressLine(TrainerCallback):
         if not logs or "loss" not in logs or entry.get("step") != state.global_step:
             return
         now = time.perf_counter()
-        rate = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_tokens = now, state.num_input_tokens_seen
-        entry["tokens_per_second"] = rate
+        entry["tokens_per_second"] = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
         entry["train_seconds"] = self.earlier_seconds + now - self.start
-        if state.is_world_process_zero:
-            done = state.global_step - self.start_step
-            left = (now - self.start) / done * (state.max_steps - state.global_step) if done else 0.0
-            print(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | {rate:,.0f} tokens/s | "
-                  f"elapsed {_duration(now - self.start)} | left {_duration(left)}", flush=True)
+        self.last_time, self.last_tokens = now, state.num_input_tokens_seen
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if hasattr(self, "last_time"):  # during training (not a lone trainer.evaluate())
+            self.last_time += (metrics or {}).get("eval_runtime", 0.0)
+
+
+class ProgressLine(TrainerCallback):
+    """The console's one line per logging step (step, loss, tokens/s, time left) and one per evaluation,
+    replacing the Trainer's progress bar and dict printout. It only reads: ThroughputRecord, ahead of it,
+    puts the window's tokens/s into the log entry."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.start_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        entry = state.log_history[-1] if state.log_history else {}
+        if not state.is_world_process_zero or "tokens_per_second" not in entry or entry.get("step") != state.global_step:
+            return
+        elapsed, done = time.perf_counter() - self.start, state.global_step - self.start_step
+        left = elapsed / done * (state.max_steps - state.global_step) if done else 0.0
+        print(f"step {state.global_step}/{state.max_steps} | loss {entry['loss']:.4f} | {entry['tokens_per_second']:,.0f} "
+              f"tokens/s | elapsed {_duration(elapsed)} | left {_duration(left)}", flush=True)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         metrics = metrics or {}
-        if hasattr(self, "last_time"):  # during training (not a lone trainer.evaluate())
-            # The evaluation's time is not training's: the next window's tokens/s leaves it out.
-            self.last_time += metrics.get("eval_runtime", 0.0)
         if state.is_world_process_zero and "eval_loss" in metrics:
             stop = (f" | EOS top-1 at response ends {metrics['eval_eos_top1']:.1%} | p(EOS) {metrics['eval_eos_prob']:.3f}"
                     if "eval_eos_top1" in metrics else "")
@@ -78,6 +88,12 @@ class EvaluateAtEnd(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
             control.should_evaluate = True
+
+
+def stop_training(control, save: bool) -> None:
+    """End the run after this step, with a checkpoint of it or, when its weights are not to be trusted, without."""
+    control.should_save = save
+    control.should_training_stop = True
 
 
 class GracefulStop(TrainerCallback):
@@ -100,8 +116,7 @@ class GracefulStop(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if _any_process(self.received is not None):
             self.stopped_at = state.global_step
-            control.should_save = True
-            control.should_training_stop = True
+            stop_training(control, save=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         for signum, handler in self._previous.items():
@@ -120,13 +135,13 @@ class NonFiniteGuard(TrainerCallback):
         trainable = [p for p in model.parameters() if p.requires_grad]
         finite = bool(torch.stack([p.detach().isfinite().all() for p in trainable]).all()) if trainable else True
         if _any_process(not finite):
-            self.tripped_at = state.global_step
-            control.should_save = False
-            control.should_training_stop = True
+            self._trip(state, control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss) and self.tripped_at is None:
-            self.tripped_at = state.global_step
-            control.should_save = False
-            control.should_training_stop = True
+            self._trip(state, control)
+
+    def _trip(self, state, control) -> None:
+        self.tripped_at = state.global_step
+        stop_training(control, save=False)

@@ -1,9 +1,11 @@
-"""A training run: the trainer exactly as train_sft.py (and the benchmarks) build it, the training
-itself with its stops, and the finished adapter, gathered whole and checked."""
+"""A training run in three parts: the trainer exactly as train_sft.py (and the benchmarks) build it; the
+training itself, whose outcome is decided once; and the finish (adapter gathered whole and checked,
+samples, the run's record). Nothing here ends the process: train_sft.py turns the Outcome into an exit code."""
 
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,24 +13,36 @@ from peft.helpers import disable_input_dtype_casting
 from safetensors.torch import load_file
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
-from trl import SFTTrainer, get_peft_config
+from trl import SFTTrainer, get_peft_config, get_quantization_config
 
-from ..data.sources import model_fingerprint
-from .attention import resolve_attention
-from .callbacks import EvaluateAtEnd, GracefulStop, NonFiniteGuard, ProgressLine
-from .fp8_base import quantize_frozen_base
-from .fused_lora import fuse_lora
-from .model import load_model, pin_liger_rope_to_triton
+from ..kernels.attention import resolve_attention
+from ..kernels.fp8_base import quantize_frozen_base
+from ..kernels.fused_lora import fuse_lora
+from ..kernels.liger import pin_liger_rope_to_triton
+from ..models.loading import load_model, set_generation_ids
+from ..models.sources import model_fingerprint
+from .callbacks import EvaluateAtEnd, GracefulStop, NonFiniteGuard, ProgressLine, ThroughputRecord
 from .run_record import peak_gpu_memory_per_process, run_summary, save_resolved_config, write_json
 from .validation import ValidatingSFTTrainer, samples_at_end, samples_text
 
 
-class TrainingStopped(RuntimeError):
-    """The run stopped before its end; the message says what is on disk and what to do."""
-
-
 class IncompleteAdapterError(RuntimeError):
     """The adapter on disk is not what was trained: a tensor missing, cut to one process's shard, or different."""
+
+
+@dataclass
+class Outcome:
+    """How a run ended: `status` as run_summary.json records it, what to tell the user, the exit code."""
+
+    status: str  # "completed", "stopped: SIGTERM at step 3", "stopped: non-finite ...", "failed: ..."
+    message: str
+    exit_code: int
+    output_dir: Path
+    trainer: SFTTrainer | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
 
 
 def build_trainer(script_args, training_args, model_args, tokenizer, dataset, eval_dataset=None) -> SFTTrainer:
@@ -36,15 +50,19 @@ def build_trainer(script_args, training_args, model_args, tokenizer, dataset, ev
     attn_implementation = resolve_attention(model_args.attn_implementation, training_args.packing)
     if training_args.use_liger_kernel:
         pin_liger_rope_to_triton()
-    callbacks = [ProgressLine(), GracefulStop(), NonFiniteGuard()] + ([EvaluateAtEnd()] if eval_dataset is not None else [])
+    model = load_model(model_args.model_name_or_path, model_args.dtype, revision=model_args.model_revision,
+                       attn_implementation=attn_implementation, quantization_config=get_quantization_config(model_args))
+    model.config.use_cache = False  # training: the KV cache is dead weight, and packed rows need none
+    set_generation_ids(model, tokenizer)
+    callbacks = [ThroughputRecord(), ProgressLine(), GracefulStop(), NonFiniteGuard()]
     trainer = ValidatingSFTTrainer(
-        model=load_model(model_args, tokenizer, attn_implementation),
+        model=model,
         args=training_args,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=callbacks,
+        callbacks=callbacks + ([EvaluateAtEnd()] if eval_dataset is not None else []),
     )
     for printer in (ProgressCallback, PrinterCallback):  # ProgressLine is the console's one line per log
         trainer.remove_callback(printer)
@@ -55,13 +73,17 @@ def build_trainer(script_args, training_args, model_args, tokenizer, dataset, ev
     return trainer
 
 
-def train(trainer, script_args, model_args, data_report, started: float, validation=None) -> Path:
-    """Train, then save the adapter, answer a few `validation` prompts if the settings ask, and write the
-    run's record; returns output_dir. Raises TrainingStopped for a run that did not finish, after
-    saving what it could (SystemExit on a signal)."""
+def _callback(trainer, kind):
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, kind))
+
+
+def train(trainer, script_args, model_args, data_report, started: float, validation=None) -> Outcome:
+    """Train, decide how it ended, save the adapter of a finished run, answer a few `validation` prompts if
+    the settings ask, and write the run's record."""
     args = trainer.args
     output_dir = Path(args.output_dir)
-    if trainer.accelerator.is_main_process:
+    main = trainer.accelerator.is_main_process
+    if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(output_dir / "train_config.yaml", script_args, args, model_args)
     # PEFT keeps LoRA weights in fp32 and upcasts each adapted layer's bf16 input to match; under
@@ -70,29 +92,23 @@ def train(trainer, script_args, model_args, data_report, started: float, validat
     with disable_input_dtype_casting(trainer.model, active=args.bf16 or args.fp16):
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
-    stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GracefulStop))
-    guard = next(c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteGuard))
-    status, failure = "completed", None
-    if guard.tripped_at is not None:
-        status = f"stopped: non-finite loss or weights at step {guard.tripped_at}"
-    elif stop.stopped_at is not None:
-        status = f"stopped: {signal.Signals(stop.received).name} at step {stop.stopped_at}"
-    else:
+    outcome = _how_it_ended(trainer, output_dir)
+    if outcome.completed:
         try:
-            save_adapter(trainer.accelerator.unwrap_model(trainer.model), output_dir, trainer.processing_class,
-                         trainer.accelerator.is_main_process)
+            save_adapter(trainer.accelerator.unwrap_model(trainer.model), output_dir, trainer.processing_class, main)
         except IncompleteAdapterError as err:
-            status, failure = f"failed: {err}", err
+            outcome = Outcome(f"failed: {err}", f"{err}\nThe checkpoints in {output_dir} hold the training state; "
+                              "resume from the last one.", 1, output_dir)
     samples = None
-    if status == "completed" and script_args.samples_at_end and validation is not None:
+    if outcome.completed and script_args.samples_at_end and validation is not None:
         samples = samples_at_end(trainer, validation, script_args.samples_at_end, script_args.sample_max_new_tokens)
         if samples:
             print(samples_text(samples), flush=True)
     trainer.save_state()  # trainer_state.json: the whole log history, every logged loss with its step
     peaks = peak_gpu_memory_per_process()  # a collective: every process takes part
-    if trainer.accelerator.is_main_process:
+    if main:
         summary = run_summary(
-            trainer, data_report, started, status,
+            trainer, data_report, started, outcome.status,
             peak_gpu_memory_gib=max(peaks) if peaks else None, peak_gpu_memory_gib_per_process=peaks,
             attn_implementation=trainer.model.config._attn_implementation,
             base_model=model_args.model_name_or_path,
@@ -101,22 +117,25 @@ def train(trainer, script_args, model_args, data_report, started: float, validat
         )
         write_json(output_dir / "run_summary.json", summary)
     trainer.accelerator.wait_for_everyone()
+    outcome.trainer = trainer
+    return outcome
 
-    last_good = get_last_checkpoint(str(output_dir))
-    if failure is not None:
-        raise TrainingStopped(f"{failure}\nThe checkpoints in {output_dir} hold the training state; resume from the last one.")
+
+def _how_it_ended(trainer, output_dir: Path) -> Outcome:
+    stop, guard = _callback(trainer, GracefulStop), _callback(trainer, NonFiniteGuard)
+    last_good = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if guard.tripped_at is not None:
-        raise TrainingStopped(
-            f"the loss or a trainable weight became NaN/inf at step {guard.tripped_at}; nothing was saved after "
-            f"it. Last good checkpoint: {last_good or 'none'}. Lower the learning rate or check the data, then "
-            "resume from that checkpoint (--resume_from_checkpoint <path>) or start again."
-        )
+        return Outcome(
+            f"stopped: non-finite loss or weights at step {guard.tripped_at}",
+            f"the loss or a trainable weight became NaN/inf at step {guard.tripped_at}; nothing was saved after it. "
+            f"Last good checkpoint: {last_good or 'none'}. Lower the learning rate or check the data, then resume "
+            "from that checkpoint (--resume_from_checkpoint <path>) or start again.", 1, output_dir)
     if stop.stopped_at is not None:
-        if trainer.accelerator.is_main_process:
-            print(f"{status}; checkpoint saved to {last_good}. "
-                  "Run the same command with --resume_from_checkpoint true to continue from there.")
-        raise SystemExit(128 + stop.received)
-    return output_dir
+        name = signal.Signals(stop.received).name
+        return Outcome(f"stopped: {name} at step {stop.stopped_at}",
+                       f"stopped by {name} at step {stop.stopped_at}; checkpoint saved to {last_good}. Run the same "
+                       "command with --resume_from_checkpoint true to continue from there.", 128 + stop.received, output_dir)
+    return Outcome("completed", "", 0, output_dir)
 
 
 def save_adapter(model, output_dir: Path, tokenizer, is_main_process: bool) -> None:
@@ -159,4 +178,3 @@ def check_adapter(output_dir: Path, model, trained: dict[str, torch.Tensor]) -> 
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else "")
         raise IncompleteAdapterError(f"the adapter saved to {path} is not what was trained:\n{shown}")
-

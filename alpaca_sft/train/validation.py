@@ -14,13 +14,20 @@ At the end of training, greedy answers to a few validation prompts say the same 
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import torch
+import trl
 from trl import SFTTrainer
 
 from ..data.tokenize import IGNORE_INDEX
+from ..launch import fsdp_enabled
+from ..models.generation import generate
+
+# TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, public and documented) returns these
+# per-token fields of its FusedCausalLMOutput; SFTTrainer asks it for is_top1. Their names changed
+# within TRL 1.x before, so their absence is said in one line instead of an AttributeError mid-run.
+FUSED_HEAD_FIELDS = ("label_mask", "log_probs", "is_top1")
 
 
 class ResponseEndTally:
@@ -37,6 +44,12 @@ class ResponseEndTally:
         self.sums = None
 
     def add(self, outputs, labels: torch.Tensor) -> None:
+        missing = [f for f in FUSED_HEAD_FIELDS if getattr(outputs, f, None) is None]
+        if missing:
+            raise RuntimeError(
+                f"the stop metric reads {', '.join(FUSED_HEAD_FIELDS)} from TRL's fused LM head, and TRL {trl.__version__} "
+                f"returns no {', '.join(missing)}: install the TRL this was built on (pip install 'trl==1.16.*'), "
+                "or set eval_strategy: 'no'")
         ends = labels[:, 1:] == self.eos_token_id  # the fused head scores labels shifted by one
         values = torch.stack([
             outputs.label_mask.sum(), -outputs.log_probs.sum(),
@@ -99,21 +112,17 @@ def validation_prompts(dataset, count: int, tokenizer) -> list[tuple[str, str]]:
 def samples_at_end(trainer, dataset, count: int, max_new_tokens: int) -> dict | None:
     """Greedy answers of the trained model to `count` validation prompts, on the main process; None
     under FSDP, where each process holds a slice of every weight (eval_compare.py does it there)."""
-    from ..eval.generate import generate
-    from ..eval.prompts import EvalPrompt
-
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or not trainer.accelerator.is_main_process:
+    if fsdp_enabled() or not trainer.accelerator.is_main_process:
         return None
     tokenizer = trainer.processing_class
     model = trainer.accelerator.unwrap_model(trainer.model)
-    prompts = [EvalPrompt(id=f"validation-{i}", prompt=p, reference=r)
-               for i, (p, r) in enumerate(validation_prompts(dataset, count, tokenizer))]
+    pairs = validation_prompts(dataset, count, tokenizer)
     was_training, use_cache = model.training, model.config.use_cache
     model.eval()
     model.config.use_cache = True  # training turned the KV cache off; generation wants it
     began = time.perf_counter()
     try:
-        generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size=len(prompts))
+        generations = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size=len(pairs))
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)
@@ -122,8 +131,8 @@ def samples_at_end(trainer, dataset, count: int, max_new_tokens: int) -> dict | 
         "stopped_by_eos": stopped, "prompts": len(generations), "max_new_tokens": max_new_tokens,
         "seconds": time.perf_counter() - began,
         "mean_new_tokens": sum(g.new_tokens for g in generations) / len(generations),
-        "answers": [{"prompt": p.prompt, "reference": p.reference, "answer": g.text, "stop": g.stop,
-                     "new_tokens": g.new_tokens} for p, g in zip(prompts, generations)],
+        "answers": [{"prompt": p, "reference": r, "answer": g.text, "stop": g.stop, "new_tokens": g.new_tokens}
+                    for (p, r), g in zip(pairs, generations)],
     }
 
 

@@ -10,7 +10,7 @@ and up, read the same input, which is quantized once for them. LoRA's A and B (b
 weights), the norms, the embeddings and the LM head stay as in the bf16 recipe.
 
 On CPUs and pre-Hopper GPUs torch's FP8 GEMM is either missing or emulated, so training refuses
-there (settings.py); the math runs on the CPU only for tests and for measuring an adapter's gap.
+there (fp8_gemm_problem, below); the math runs on the CPU only for tests and for measuring an adapter's gap.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import weakref
 import torch
 from torch import nn
 
-from .fused_lora import _lora_grads, _save
+from .fused_lora import lora_gradients, save_for_lora_backward
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -32,6 +32,17 @@ E4M3_MAX = torch.finfo(E4M3).max  # 448
 # own rounding) to 5.49%, and one decoder layer's linear layers from 15.25 to 14.52 ms on an H100.
 FAST_ACCUMULATION_FORWARD = True
 FAST_ACCUMULATION_INPUT_GRAD = False
+
+
+def fp8_gemm_problem(use_cpu: bool = False) -> str | None:
+    """Why this machine cannot run FP8 GEMMs with row-wise scales at speed, or None: they need Hopper's
+    (or a newer GPU's) FP8 tensor cores; elsewhere torch has no such kernel or emulates it."""
+    if use_cpu or not torch.cuda.is_available():
+        return "this machine has no CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (9, 0):
+        return f"this GPU ({torch.cuda.get_device_name()}) has compute capability {major}.{minor}"
+    return None
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +56,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.cache
-def _row_quantizer():
+def row_quantizer():
     """A Triton kernel that quantizes whole rows in registers, read once: amax, scale and e4m3 values of
     each row computed where it was loaded (16,384 columns at most: Mistral's widest is 14,336), several
     narrow rows per program. Torch's eager ops take four passes and an fp32 copy; Inductor's kernel for
@@ -86,7 +97,7 @@ def _row_quantizer():
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows for a layer input or output gradient (rows x columns): on a GPU by one Triton
     kernel, the same numbers; eager on the CPU."""
-    return _row_quantizer()(x) if x.is_cuda else quantize_rows(x)
+    return row_quantizer()(x) if x.is_cuda else quantize_rows(x)
 
 
 @functools.cache
@@ -192,7 +203,7 @@ class Fp8FrozenLinear(nn.Module):
         return _Fp8LoraLinear.apply(x, self, None, None, 0.0)
 
     def forward_with_lora(self, x: torch.Tensor, lora_a, lora_b, scale: float) -> torch.Tensor:
-        """The base and one LoRA adapter in one function: what fused_lora.py calls for this layer."""
+        """The base and one LoRA adapter in one function: what kernels/fused_lora.py calls for this layer."""
         return _Fp8LoraLinear.apply(x.to(torch.bfloat16), self, lora_a, lora_b, scale)
 
     def extra_repr(self) -> str:
@@ -213,7 +224,7 @@ class _Fp8LoraLinear(torch.autograd.Function):
             a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
             xa = x2 @ a.t()
             add_low_rank_(out, xa, (b * scale).t())  # the rank-r product onto the FP8 GEMM's output
-            _save(ctx, x, x2, xa, a, b, lora_a, lora_b, scale)
+            save_for_lora_backward(ctx, x, x2, xa, a, b, lora_a, lora_b, scale)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -223,7 +234,7 @@ class _Fp8LoraLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = _input_grad(base, grad_out.reshape(-1, grad_out.shape[-1])).view(ctx.x_shape)
             return grad_x, None, None, None, None
-        g, grad_xa, a, grad_a, grad_b = _lora_grads(ctx, grad_out)
+        g, grad_xa, a, grad_a, grad_b = lora_gradients(ctx, grad_out)
         if ctx.needs_input_grad[0]:
             grad_x = add_low_rank_(_input_grad(base, g), grad_xa, a).view(ctx.x_shape)
         return grad_x, None, grad_a, grad_b, None

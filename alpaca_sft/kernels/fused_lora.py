@@ -9,7 +9,7 @@ rank-r tensors only. For a 4-bit base, whose GEMM is bitsandbytes', the sum and 
 epilogue of one GEMM after it. On an H100 (bench/RESULTS.md) LoRA went from 21% of a micro-batch
 with PEFT's forward to 11%.
 
-A base that brings its own fused function (`forward_with_lora`: the FP8 base of fp8_base.py) runs it.
+A base that brings its own fused function (`forward_with_lora`: the FP8 base of kernels/fp8_base.py) runs it.
 
 Only the forward is replaced: PEFT still owns the adapter (its weights, their names, saving, loading,
 merging), and any layer this path does not cover (dropout, DoRA and other variants, several active
@@ -18,13 +18,14 @@ adapters, mixed-adapter batches, merged or disabled adapters) runs PEFT's own fo
 
 from __future__ import annotations
 
+import importlib.util
 import types
 
 import torch
 from torch import nn
 
 
-def _lora_grads(ctx, grad_out):
+def lora_gradients(ctx, grad_out):
     """The output gradient as rows, the gradient of x A^T, A (for the input gradient), and A's and B's
     gradients in their own dtypes. ctx.saved_tensors is read here and only here: under non-reentrant
     gradient checkpointing a second read fails."""
@@ -37,7 +38,8 @@ def _lora_grads(ctx, grad_out):
     return g, grad_xa, a, grad_a.to(a_dtype), grad_b.to(b_dtype)
 
 
-def _save(ctx, x, x2, xa, a, b, lora_a, lora_b, scale) -> None:
+def save_for_lora_backward(ctx, x, x2, xa, a, b, lora_a, lora_b, scale) -> None:
+    """What lora_gradients reads back: shared by every fused layer here and by kernels/fp8_base.py."""
     # x2 is the tensor the base layer saves too (no extra memory); xa is tokens x r.
     ctx.save_for_backward(x2, xa, a, b)
     ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
@@ -55,12 +57,12 @@ class _LoraAdd(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         xa = x2 @ a.t()
         out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), xa, b.t(), alpha=scale)
-        _save(ctx, x, x2, xa, a, b, lora_a, lora_b, scale)
+        save_for_lora_backward(ctx, x, x2, xa, a, b, lora_a, lora_b, scale)
         return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        g, grad_xa, a, grad_a, grad_b = _lora_grads(ctx, grad_out)
+        g, grad_xa, a, grad_a, grad_b = lora_gradients(ctx, grad_out)
         grad_x = None
         if ctx.needs_input_grad[1]:
             grad_x = (grad_xa @ a).view(ctx.x_shape).to(ctx.x_dtype)
@@ -81,12 +83,12 @@ class _LoraLinear(torch.autograd.Function):
         xa = x2 @ a.t()
         out = (xa @ (b * scale).t()).addmm_(x2, weight.t())
         ctx.weight = weight  # frozen: a parameter, never changed in place, so no version check needed
-        _save(ctx, x, x2, xa, a, b, lora_a, lora_b, scale)
+        save_for_lora_backward(ctx, x, x2, xa, a, b, lora_a, lora_b, scale)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        g, grad_xa, a, grad_a, grad_b = _lora_grads(ctx, grad_out)
+        g, grad_xa, a, grad_a, grad_b = lora_gradients(ctx, grad_out)
         grad_x = (grad_xa @ a).addmm_(g, ctx.weight).view(ctx.x_shape)
         return grad_x, None, grad_a, grad_b, None
 
@@ -111,7 +113,11 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _lora_linear_classes() -> tuple[type, ...]:
-    from peft.tuners.lora import Linear, bnb
+    from peft.tuners.lora import Linear
+
+    if not importlib.util.find_spec("bitsandbytes"):  # PEFT's bnb module imports it: only a 4-bit base needs it
+        return (Linear,)
+    from peft.tuners.lora import bnb
 
     # QLoRA's layer: PEFT's forward for it also clones the 4-bit base's output, one more full pass.
     return (Linear,) + tuple(c for c in (getattr(bnb, "Linear4bit", None),) if c is not None)

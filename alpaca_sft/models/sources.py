@@ -1,0 +1,55 @@
+"""Where a model comes from: a local folder or a Hub repository, checked in seconds before anything large
+is read, and a fingerprint of its stored weights that tells two models of the same shape apart."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ..hub import hub_problem, looks_local
+
+MODEL_FILES = ("config.json", "adapter_config.json", "tokenizer_config.json")
+
+
+def model_problem(name: str, revision: str | None = None) -> str | None:
+    """None if `name` is a model folder or a reachable (or cached) Hub model, else what is wrong."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in MODEL_FILES):
+            hint = ("; it holds a .gguf file: turn it into a model folder first with python tools/base_from_gguf.py"
+                    if any(path.glob("*.gguf")) else "")
+            return f"{name} is a folder but not a model folder (no config.json){hint}"
+        return None
+    if path.exists():
+        if path.suffix == ".gguf":
+            return f"{name} is a GGUF file: turn it into a model folder first with python tools/base_from_gguf.py {name} <folder>"
+        return f"{name} is a file; give a model folder or a Hub id"
+    hint = "; build the tiny CPU model with: python tools/random_model.py build/tiny-mistral" if "tiny-mistral" in name else ""
+    if looks_local(name):
+        return f"model folder {name} does not exist{hint}"  # else it may be a Hub id: its message says both
+    problem = hub_problem(name, "model", revision)
+    return problem + hint if problem else None
+
+
+def model_fingerprint(name: str, revision: str | None = None) -> str | None:
+    """A short hash of a model's weights as stored: the first 64 KiB of tensor data in each of its
+    safetensors files. Two models of the same shape (another seed, a fine-tuned variant) differ
+    there; None when no weight file is at hand (a Hub model not downloaded yet)."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(name, revision=revision, allow_patterns=["*.safetensors"], local_files_only=True))
+        except Exception:  # not in the cache: nothing to read without a download
+            return None
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as weights:
+            header_length = int.from_bytes(weights.read(8), "little")  # safetensors: u64 length, JSON header, data
+            weights.seek(8 + header_length)
+            digest.update(weights.read(65536))
+    return digest.hexdigest()[:16]
