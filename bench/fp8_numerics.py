@@ -1,14 +1,17 @@
-"""Does an FP8 base train like the bf16 one? On the GPU, from the same initialization and batches:
+"""Does an FP8 (or NF4) base train like the bf16 one? On the GPU, from the same initialization and batches:
 
   1. the first packed row's loss and LoRA gradients with the base in fp32, bf16 and FP8, in one process
-     (each model the one before it, converted in place): cosine similarity of all LoRA gradients
-     together and of each tensor, FP8 against bf16 beside bf16 against fp32;
+     (each model the one before it, converted in place), and with --nf4 in NF4 (a 4-bit load given the
+     same LoRA weights): cosine similarity of all LoRA gradients together and of each tensor, against
+     bf16 and against fp32;
   2. per-step training loss over --steps optimizer steps of train_sft.py, once with
      recipes/mistral-7b-lora.yaml and once with recipes/mistral-7b-lora-fp8.yaml (same seed, so the same
      LoRA initialization and batch order; one micro-batch per step, no validation).
 
     python bench/fp8_numerics.py --model /tmp/smoke/mistral-7b --data /tmp/smoke/alpaca.jsonl \
         --out bench/results/fp8/numerics.json
+    python bench/fp8_numerics.py --parts first_step --nf4 --recipe recipes/gemma-3-270m-alpaca.yaml \
+        --model build/gemma-3-270m --data build/real-data/alpaca_train.jsonl --out first_step.json
 """
 
 from __future__ import annotations
@@ -35,15 +38,22 @@ def first_step(args) -> dict:
     from alpaca_sft.data.dataset import build_dataset
     from alpaca_sft.models.tokenizer import load_tokenizer
     from alpaca_sft.train.run import build_trainer
-    from alpaca_sft.train.settings import parse_settings
+    from alpaca_sft.train.settings import apply_pipeline_settings, parse_settings
 
-    script_args, training_args, model_args = parse_settings(
-        ["--config", "recipes/mistral-7b-lora.yaml", "--model_name_or_path", args.model, "--dataset_name", args.data,
-         "--output_dir", "/tmp/fp8_numerics/first_step", "--report_to", "none", "--dtype", "float32",
-         "--validation_size", "0", "--eval_strategy", "no", "--eval_on_start", "false", "--samples_at_end", "0",
-         *([] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false"])])
+    def settings(*flags):
+        parsed = parse_settings(
+            ["--config", args.recipe, "--model_name_or_path", args.model, "--dataset_name", args.data,
+             "--output_dir", "/tmp/fp8_numerics/first_step", "--report_to", "none", "--validation_size", "0",
+             "--drop_invalid_rows", "true",
+             *([] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false"]),
+             *flags])
+        apply_pipeline_settings(*parsed[:2])  # validation_size 0: validation off
+        return parsed
+
+    script_args, training_args, model_args = settings("--dtype", "float32")
     tokenizer = load_tokenizer(args.model)
-    dataset, _ = build_dataset(args.data, tokenizer, max_length=training_args.max_length, max_rows=args.rows)
+    dataset, _ = build_dataset(args.data, tokenizer, max_length=training_args.max_length, max_rows=args.rows,
+                               drop_invalid_rows=True)
     trainer = build_trainer(script_args, training_args, model_args, tokenizer, dataset)
     model = trainer.model
     model.train()
@@ -81,6 +91,16 @@ def first_step(args) -> dict:
         rounded.weight = torch.nn.Parameter(fp8_layer.dequantized_weight().to(torch.bfloat16), requires_grad=False)
         layer.base_layer = rounded
     runs["bf16_e4m3_weights"] = loss_and_grads(autocast=True)
+    if args.nf4:  # a 4-bit load of the same base, given the same LoRA weights: QLoRA's first step
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        lora = get_peft_model_state_dict(model)
+        trainer = model = None  # the FP8 model's memory, before the 4-bit one loads
+        trainer = build_trainer(*settings("--dtype", "bfloat16", "--load_in_4bit", "true"), tokenizer, dataset)
+        model = trainer.model
+        set_peft_model_state_dict(model, lora)
+        model.train()
+        runs["nf4"] = loss_and_grads(autocast=True)
 
     # PEFT starts B at zero, so on the first step every A's gradient is exactly zero: compared are the Bs
     names = [n for n, g in runs["fp32"][1].items() if g.abs().max() > 0]
@@ -101,7 +121,8 @@ def first_step(args) -> dict:
             "fp8_precise_vs_fp32": compare("fp32", "fp8_precise"),
             "fp8_fast_accumulation_everywhere_vs_fp32": compare("fp32", "fp8_fast_accumulation_everywhere"),
             "fp8_settings": {"fast_accumulation_forward": default[0], "fast_accumulation_input_grad": default[1]},
-            "bf16_e4m3_weights_vs_bf16": compare("bf16", "bf16_e4m3_weights")}
+            "bf16_e4m3_weights_vs_bf16": compare("bf16", "bf16_e4m3_weights"),
+            **({"nf4_vs_fp32": compare("fp32", "nf4"), "nf4_vs_bf16": compare("bf16", "nf4")} if args.nf4 else {})}
 
 
 def losses(args, recipe: str, name: str) -> list[float]:
@@ -122,6 +143,8 @@ def main():
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--rows", type=int, default=6000, help="records to tokenize and pack")
+    parser.add_argument("--recipe", default="recipes/mistral-7b-lora.yaml", help="the bf16 recipe the bases are judged in")
+    parser.add_argument("--nf4", action="store_true", help="first_step: an NF4 (4-bit) base too, beside FP8")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--residual_branch_scale", type=float, default=1.0,
                         help="first_step: multiply o_proj's and down_proj's weights by this (0.125 = 1/sqrt(2 x 32 layers), "

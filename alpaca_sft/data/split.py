@@ -65,6 +65,7 @@ def split_validation(dataset, report, *, size: float, seed: int, file: str | Non
     if not size:
         return dataset, None
     train, validation = hold_out(dataset, size, seed)
-    report.validation = {"source": f"held out of {report.source}", "examples": len(validation), "seed": seed,
+    source = report.source + (f" and {report.mix['source']}" if report.mix else "")
+    report.validation = {"source": f"held out of {source}", "examples": len(validation), "seed": seed,
                          "also_in_training": overlap(train, validation), "train_examples": len(train)}
     return train, validation

@@ -41,13 +41,24 @@ def normalize_sql(text: str) -> str | None:
     return statement.sql(dialect="sqlite", normalize=True) if statement is not None else None
 
 
-def _tables(schema: str) -> dict[str, list[str]]:
-    tables = {}
+def _tables(schema: str) -> dict[str, dict[str, str]]:
+    """Table -> column -> declared type. A table declared twice (sql-create-context's contexts do that:
+    "CREATE TABLE station (name, id); CREATE TABLE station (name, id, installation_date)") gets the union
+    of its columns, as the question means one table."""
+    tables: dict[str, dict[str, str]] = {}
     for statement in sqlglot.parse(schema, read="sqlite"):
         if isinstance(statement, exp.Create) and isinstance(statement.this, exp.Schema):
-            name = statement.this.this.name
-            tables[name] = [column.name for column in statement.this.expressions if isinstance(column, exp.ColumnDef)]
+            columns = tables.setdefault(statement.this.this.name, {})
+            for column in statement.this.expressions:
+                if isinstance(column, exp.ColumnDef):
+                    columns.setdefault(column.name, column.args["kind"].sql(dialect="sqlite") if column.args.get("kind") else "")
     return tables
+
+
+def _create(database: sqlite3.Connection, tables: dict[str, dict[str, str]]) -> None:
+    for table, columns in tables.items():
+        body = ", ".join(f'"{name}" {kind}'.strip() for name, kind in columns.items())
+        database.execute(f'CREATE TABLE "{table}" ({body})')
 
 
 def _literals_by_column(known_columns: set[str], *statements: exp.Expression | None) -> dict[str, set]:
@@ -95,21 +106,27 @@ def check_sql(answer: str, schema: str, reference: str | None = None, seed: int 
     expected = first_statement(reference) if reference else None
     database = sqlite3.connect(":memory:")
     try:
-        database.executescript(schema)
+        try:
+            tables = _tables(schema)
+            _create(database, tables)
+        except (sqlglot.errors.SqlglotError, sqlite3.Error) as err:  # the prompt's schema, not the answer, is at fault
+            return SqlResult(parses=True, executes=False, matches_reference=None, error=f"the schema does not build: {err}")
         rng = random.Random(seed)
-        tables = _tables(schema)
         known = {c.lower() for columns in tables.values() for c in columns}
         literals = _literals_by_column(known, expected, candidate)
         for table, columns in tables.items():
             marks = ", ".join("?" * len(columns))
-            database.executemany(f'INSERT INTO "{table}" VALUES ({marks})', _rows(columns, literals, rng))
+            database.executemany(f'INSERT INTO "{table}" VALUES ({marks})', _rows(list(columns), literals, rng))
         try:
             got = database.execute(candidate.sql(dialect="sqlite")).fetchall()
         except sqlite3.Error as err:
             return SqlResult(parses=True, executes=False, matches_reference=False if reference else None, error=str(err))
         if expected is None:
             return SqlResult(parses=True, executes=True, matches_reference=None)
-        want = database.execute(expected.sql(dialect="sqlite")).fetchall()
+        try:
+            want = database.execute(expected.sql(dialect="sqlite")).fetchall()
+        except sqlite3.Error as err:
+            return SqlResult(parses=True, executes=True, matches_reference=None, error=f"the reference does not run: {err}")
         ordered = expected.args.get("order") is not None
         same = got == want if ordered else Counter(got) == Counter(want)
         return SqlResult(parses=True, executes=True, matches_reference=same)
