@@ -92,12 +92,14 @@ def document_flex_attention(module, query, key, value, attention_mask, scaling=N
     return output.transpose(1, 2).contiguous(), None
 
 
-def _mask_unless_packed(*args, attention_mask=None, **kwargs):
-    # Packed batches carry no 2D mask: their structure is in cu_seq_lens, read by the attention
-    # itself, so building an O(tokens^2) dense mask here would be wasted work.
-    if attention_mask is None:
+def _mask_unless_packed(*args, attention_mask=None, allow_is_causal_skip=True, **kwargs):
+    # A packed batch carries no 2D mask, and transformers (masking_utils) forbids skipping the mask for it: its
+    # structure is in cu_seq_lens, read by the attention itself, so building an O(tokens^2) dense mask here would
+    # be wasted work. Any other batch gets SDPA's own mask, which is None for plain causal attention and a real
+    # mask where a sliding window (Gemma, Mistral) limits it.
+    if attention_mask is None and not allow_is_causal_skip:
         return None
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    return sdpa_mask(*args, attention_mask=attention_mask, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
 
 
 AttentionInterface.register(DOCUMENT_FLEX, document_flex_attention)

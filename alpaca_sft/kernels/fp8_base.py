@@ -173,14 +173,15 @@ _shared_input = _SharedInput()
 
 
 class Fp8FrozenLinear(nn.Module):
-    """A bias-free nn.Linear, frozen, its weight held only in e4m3. The quantized weights are plain
-    attributes, not parameters or buffers: DDP would broadcast buffers from rank 0 at every step
-    (each process quantizes the same weights to the same bytes), and no checkpoint should hold them.
-    They are made where the bf16 weight is, and Module.to() does not move them."""
+    """A frozen nn.Linear, its weight held only in e4m3 (a bias, as Qwen2's q/k/v have, stays bf16 and is added
+    to the GEMM's output). The quantized weights are plain attributes, not parameters or buffers: DDP would
+    broadcast buffers from rank 0 at every step (each process quantizes the same weights to the same bytes), and
+    no checkpoint should hold them. They are made where the bf16 weight is, and Module.to() does not move them."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight = linear.weight.detach()
+        self.bias = linear.bias.detach() if linear.bias is not None else None
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_q, scale = quantize_rows(weight)  # N x K, one scale per output channel
         self.weight_scale = scale.t().contiguous()  # 1 x N: scales the GEMM's output columns
@@ -190,8 +191,9 @@ class Fp8FrozenLinear(nn.Module):
 
     @staticmethod
     def can_hold(module: nn.Module) -> bool:
-        """A frozen bias-free bf16 nn.Linear whose sizes FP8 GEMMs take (multiples of 16)."""
-        return (type(module) is nn.Linear and module.bias is None and not module.weight.requires_grad
+        """A frozen bf16 nn.Linear whose sizes FP8 GEMMs take (multiples of 16)."""
+        return (type(module) is nn.Linear and not module.weight.requires_grad
+                and (module.bias is None or not module.bias.requires_grad)
                 and module.weight.dtype == torch.bfloat16
                 and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
@@ -219,6 +221,8 @@ class _Fp8LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         q, q_scale = _shared_input(x, x2, keep=base.input_read_again)
         out = fp8_matmul(q, q_scale, base.weight_q, base.weight_scale, FAST_ACCUMULATION_FORWARD)
+        if base.bias is not None:
+            out.add_(base.bias)
         ctx.base, ctx.x_shape, ctx.has_lora = base, x.shape, lora_a is not None
         if ctx.has_lora:
             a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)

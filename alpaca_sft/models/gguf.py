@@ -40,7 +40,10 @@ def read_vocabulary(path: Path) -> tuple[Vocabulary, dict]:
     """The GGUF's tokenizer: its vocabulary, and its special-token ids and flags."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError) as err:  # the reader's "GGUF magic invalid", a truncated file
+        raise ConversionError(f"{path} is not a GGUF file this reader can read ({err})") from None
     model = _field(reader, "tokenizer.ggml.model")
     if model != "llama":
         raise ConversionError(f"{path}: its tokenizer is {model!r}; only SentencePiece-style ('llama') vocabularies "

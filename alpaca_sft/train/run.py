@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from peft.helpers import disable_input_dtype_casting
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -69,7 +70,11 @@ def build_trainer(script_args, training_args, model_args, tokenizer, dataset, ev
     if model_args.use_peft and script_args.fused_lora:
         fuse_lora(trainer.model)
     if script_args.fp8_base:  # after the Trainer placed the model: each bf16 weight is freed as it is quantized
-        quantize_frozen_base(trainer.model)
+        converted = quantize_frozen_base(trainer.model)
+        adapted = sum(isinstance(m, LoraLayer) for m in trainer.model.modules())
+        if trainer.accelerator.is_main_process:
+            print(f"fp8_base: {converted} of the {adapted} adapted linear layers in FP8"
+                  + ("" if converted == adapted else " (the others' sizes are not multiples of 16: they stay bf16)"))
     return trainer
 
 
