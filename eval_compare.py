@@ -111,8 +111,15 @@ def main(args) -> dict:
     return scores
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: 0, or 1 with the problem said in one message."""
     try:
-        main(parse_args())
+        main(parse_args(argv))
     except (PromptFileError, PairError, PushError, TokenizerError) as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -66,9 +66,15 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     return outcome
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: the run's exit code; a bad setting, file or tokenizer said in one message."""
     try:
-        outcome = main(*parse_settings())
+        outcome = main(*parse_settings(argv))
     except (SettingsError, DataError, TokenizerError) as err:
-        sys.exit(f"error: {err}")
-    sys.exit(outcome.exit_code if outcome else 0)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return outcome.exit_code if outcome else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,6 +1,7 @@
 """On the GPU: the per-token loss of a packed row equals that of its examples run one by one,
-through the attention training actually uses (attn_implementation "auto": compiled flex_attention
-with a document mask, or flash-attn varlen when installed), in bf16 and in fp32.
+through the attention training actually uses (attn_implementation "auto": FlashAttention-4 when installed on
+Hopper or newer, else flash-attn 2's varlen kernel when installed, else document_flex, a compiled flex_attention
+with a document mask), in bf16 and in fp32.
 
     python bench/check_packing.py
 

@@ -38,14 +38,14 @@ def first_step(args) -> dict:
     from alpaca_sft.data.dataset import build_dataset
     from alpaca_sft.models.tokenizer import load_tokenizer
     from alpaca_sft.train.run import build_trainer
-    from alpaca_sft.train.settings import apply_pipeline_settings, parse_settings
+    from alpaca_sft.train.settings import apply_pipeline_settings, cpu_overrides, parse_settings
 
     def settings(*flags):
         parsed = parse_settings(
             ["--config", args.recipe, "--model_name_or_path", args.model, "--dataset_name", args.data,
              "--output_dir", "/tmp/fp8_numerics/first_step", "--report_to", "none", "--validation_size", "0",
              "--drop_invalid_rows", "true",
-             *([] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false"]),
+             *cpu_overrides(),
              *flags])
         apply_pipeline_settings(*parsed[:2])  # validation_size 0: validation off
         return parsed

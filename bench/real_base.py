@@ -25,7 +25,9 @@ import torch
 
 
 def cpu_flags() -> list[str]:
-    return [] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true", "--dtype", "float32"]
+    from alpaca_sft.train.settings import cpu_overrides
+
+    return cpu_overrides() + ([] if torch.cuda.is_available() else ["--dtype", "float32"])
 
 
 def packing(args) -> dict:

@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sf
 import torch
 import yaml
 
+from alpaca_sft.train.settings import cpu_overrides
+
 CONFIGS = {  # name: (recipe, flags on top of it); "trl-*" are bench/trl_peers.py's peers. Run in this order.
     "lora-recipe": ("recipes/mistral-7b-lora.yaml", []),
     "lora-peft-forward": ("recipes/mistral-7b-lora.yaml", ["--fused_lora", "false"]),
@@ -83,7 +85,7 @@ def run_config(name, recipe, flags, args, work: Path) -> dict:
         command = [sys.executable, "bench/trl_peers.py", "--peer", recipe, "--model", args.model, "--data", args.data,
                    "--steps", str(steps), "--rows", str(args.rows or 2000), "--out", str(work / f"{name}.json")]
     else:
-        cpu = [] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false"]
+        cpu = cpu_overrides()
         rows = ["--max_train_rows", str(args.rows)] if args.rows else []
         command = [sys.executable, "train_sft.py", "--config", recipe, "--model_name_or_path", args.model,
                    "--dataset_name", args.data, "--output_dir", str(work / name), "--overwrite_output_dir", "true",

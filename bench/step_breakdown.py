@@ -38,7 +38,7 @@ from peft.helpers import disable_input_dtype_casting
 from alpaca_sft.data.dataset import build_dataset
 from alpaca_sft.models.tokenizer import load_tokenizer
 from alpaca_sft.train.run import build_trainer as build_training_trainer
-from alpaca_sft.train.settings import parse_settings
+from alpaca_sft.train.settings import cpu_overrides, parse_settings
 from speed import linear_weights, matmul_tflops  # bench/speed.py, beside this script
 
 VARIANTS = ("recipe", "peft-upcast", "rows-4", "checkpointing", "bf16-adapters", "no-adapters")
@@ -48,7 +48,7 @@ GPU = torch.cuda.is_available()
 def build_trainer(args):
     """The trainer train_sft.py builds from the recipe, with Liger's kernels applied as
     Trainer.train() applies them when it starts (this script never calls train())."""
-    cpu = [] if GPU else ["--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false"]
+    cpu = cpu_overrides()
     script_args, training_args, model_args = parse_settings(
         ["--config", args.config, "--model_name_or_path", args.model, "--dataset_name", args.data,
          "--output_dir", str(args.work), "--report_to", "none", *cpu,

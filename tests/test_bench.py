@@ -4,6 +4,8 @@ import json
 import statistics
 import sys
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -37,6 +39,7 @@ def test_workload_has_the_specified_shape(tmp_path, tokenizer):
     assert all(tokens(r["instruction"]) == len(r["instruction"].split()) for r in sample)
 
 
+@pytest.mark.slow
 def test_step_breakdown_times_each_lever_on_the_same_micro_batches(tiny_model_dir, tmp_path):
     import subprocess
 

@@ -185,6 +185,7 @@ def test_peft_forward_on_an_fp8_base_equals_the_fused_one():
     assert (a - b).norm() / b.norm() < 0.03
 
 
+@pytest.mark.slow
 def test_fp8_recipe_path_trains_validates_and_saves_with_fp8_emulated_on_the_cpu(tiny_model_dir, tmp_path, monkeypatch):
     # Training on an FP8 base is refused without a Hopper GPU (test_cli). With that one check lifted, the
     # CPU emulates the FP8 GEMMs and train_sft.py's whole path runs: the base quantized after the Trainer

@@ -18,6 +18,7 @@ def readme_commands(section: str) -> list[str]:
     return [line for block in blocks for line in block.strip().splitlines() if line.startswith("python")]
 
 
+@pytest.mark.slow
 def test_quickstart_and_tiny_evaluation_run_as_written(tmp_path):
     for item in ("alpaca_sft", "tools", "recipes", "data", "accelerate_configs", "train_sft.py", "eval_compare.py"):
         source = REPO / item

@@ -23,6 +23,7 @@ def fsdp_saves(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_adapter_gathered_from_fsdp_shards_is_whole_and_equals_what_was_trained(fsdp_saves, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -40,6 +41,7 @@ def test_adapter_gathered_from_fsdp_shards_is_whole_and_equals_what_was_trained(
     assert json.loads((fsdp_saves / "gathered" / "generation_config.json").read_text())["eos_token_id"] in (2, [2])
 
 
+@pytest.mark.slow
 def test_a_sharded_save_that_lost_tensors_or_kept_a_slice_is_refused(fsdp_saves):
     errors = json.loads((fsdp_saves / "errors.json").read_text())
     # No adapter at all: what Trainer.save_model writes under FSDP's SHARDED_STATE_DICT.

@@ -65,6 +65,7 @@ def test_tuned_tiny_model_answers_and_stops_where_untuned_runs_on(tiny_model_dir
     assert saved_eos in (eos, [eos])  # transformers 5.17 writes a list
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
     steps = ["--max_steps", 6, "--save_strategy", "steps", "--save_steps", 100, "--logging_steps", 1]
     train(tiny_model_dir, tmp_path / "straight", *steps)
@@ -116,16 +117,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir
     assert not (out / "adapter_model.safetensors").exists()  # no final adapter from a broken run
 
 
-def test_output_dir_holding_a_run_is_refused(tiny_model_dir, tmp_path):
+def test_output_dir_holding_a_run_is_refused(tiny_model_dir, tmp_path, capsys):
+    import train_sft
+
     out = tmp_path / "run"
     train(tiny_model_dir, out, "--max_steps", 1)
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train_sft.py"), "--config", str(TINY),
-         "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 1
-    assert "already holds a run" in result.stderr and "--resume_from_checkpoint" in result.stderr
+    capsys.readouterr()
+    assert train_sft.cli(["--config", str(TINY), "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert "already holds a run" in error and "--resume_from_checkpoint" in error
 
 
 def test_run_outputs_reload_without_guesswork(tiny_model_dir, tmp_path):
@@ -166,6 +166,7 @@ def test_qlora_trains_on_cpu(tiny_model_dir, tmp_path):
     assert any(key.endswith("lora_B.weight") and w.abs().sum() > 0 for key, w in adapter.items())
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_at_the_same_global_batch(tiny_model_dir, tmp_path):
     # No validation: all 24 examples pack into 4 rows, which split evenly over 2 processes (an odd count
     # would make accelerate repeat a row on one process, and the two runs would see different tokens).

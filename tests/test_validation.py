@@ -123,6 +123,7 @@ def test_stop_metric_is_near_zero_untuned_and_high_once_tuned(tiny_model_dir, tu
     assert tuned["eval_eos_top1"] == 1 and tuned["eval_eos_prob"] > 0.5
 
 
+@pytest.mark.slow
 def test_validation_lands_in_the_console_the_summary_tensorboard_and_the_card(tiny_model_dir, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

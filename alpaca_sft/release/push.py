@@ -39,8 +39,8 @@ def push(folder: Path, repo_id: str, private: bool, card) -> str:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                                    commit_message="Upload merged model from alpaca-sft", ignore_patterns=["README.md"])
-        # upload_file, not ModelCard.push_to_hub: huggingface_hub 1.x validates a card at a fixed
-        # huggingface.co address, past HF_ENDPOINT (a mirror, or a test server)
+        # upload_file, not ModelCard.push_to_hub: huggingface_hub 1.x (the GPU image has 1.33) validates a card at
+        # a fixed huggingface.co address, past HF_ENDPOINT (a mirror, or a test server); 2.x asks HF_ENDPOINT
         api.upload_file(path_or_fileobj=str(card).encode(), path_in_repo="README.md", repo_id=repo_id,
                         repo_type="model", commit_message="Model card from alpaca-sft")
     except Exception as err:

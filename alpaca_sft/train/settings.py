@@ -15,6 +15,17 @@ from typing import Literal
 import torch
 
 
+# What a GPU recipe needs on a machine without a GPU: no bf16 mixed precision (transformers refuses it there),
+# the CPU said out loud, and no Liger (its kernels are Triton, GPU-only). The one list: tests and benchmarks
+# run the shipped recipes on a CPU with it, and the error a user gets names it.
+CPU_OVERRIDES = ("--bf16", "false", "--use_cpu", "true", "--use_liger_kernel", "false")
+
+
+def cpu_overrides() -> list[str]:
+    """CPU_OVERRIDES where there is no GPU, nothing where there is one."""
+    return [] if torch.cuda.is_available() else list(CPU_OVERRIDES)
+
+
 class SettingsError(ValueError):
     """A setting that cannot work; the message says what to change."""
 
@@ -132,6 +143,9 @@ def parse_settings(argv: list[str] | None = None):
     except SettingsError:
         raise
     except ValueError as err:
+        if "bf16/gpu" in str(err) and not torch.cuda.is_available():  # transformers' TrainingArguments, said plainly
+            raise SettingsError("the recipe trains in bf16 on a GPU, and this machine has none: to train on the CPU "
+                                f"(slowly), add {' '.join(CPU_OVERRIDES)} (FP8 and 4-bit bases need a GPU)") from None
         raise SettingsError(str(err)) from None
 
 
