@@ -55,6 +55,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.max_new_tokens <= 0 or args.batch_size <= 0:
         parser.error("--max_new_tokens and --batch_size must be positive")
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as err:
+            parser.error(f"--push_to_hub {args.push_to_hub}: not a Hub repository id (owner/name): {err}")
     return args
 
 

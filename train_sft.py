@@ -33,7 +33,9 @@ from trl import ModelConfig, SFTConfig
 from alpaca_sft.data.dataset import build_training_data, preview
 from alpaca_sft.data.records import DataError
 from alpaca_sft.models.tokenizer import TokenizerError, load_tokenizer
+from alpaca_sft.train.checkpoints import CheckpointSeal, resume_problems, run_shape
 from alpaca_sft.train.checks import check_settings
+from alpaca_sft.train.output_dir import claim
 from alpaca_sft.train.run import Outcome, build_trainer, train
 from alpaca_sft.train.settings import ScriptArguments, SettingsError, apply_pipeline_settings, parse_settings
 
@@ -41,8 +43,11 @@ from alpaca_sft.train.settings import ScriptArguments, SettingsError, apply_pipe
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> Outcome | None:
     """Train as the settings say; returns how the run ended (None for --preview)."""
     started, state = time.time(), PartialState()
-    check_settings(script_args, training_args, model_args)  # everything that can fail before weights load
+    for warning in check_settings(script_args, training_args, model_args):  # everything that can fail before weights load
+        if state.is_main_process:
+            print(f"warning: {warning}", file=sys.stderr)
     apply_pipeline_settings(script_args, training_args)
+    claim(script_args, training_args, state.is_main_process)  # this run's folder: locked, clean or resumable
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
     with state.main_process_first():  # a Hub dataset is downloaded once
@@ -56,7 +61,15 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
             print(f"{preview(dataset, tokenizer, script_args.preview, path)}\nwrote {path}")
         return None
 
-    trainer = build_trainer(script_args, training_args, model_args, tokenizer, dataset, validation)
+    shape = run_shape(script_args, training_args, model_args, state.num_processes, report.fingerprint)
+    if training_args.resume_from_checkpoint and (changed := resume_problems(training_args.resume_from_checkpoint, shape)):
+        if not script_args.allow_changed_settings:
+            raise SettingsError(
+                f"resume_from_checkpoint={training_args.resume_from_checkpoint} would not continue the run it checkpointed:\n"
+                + "\n".join(f"  - {c}" for c in changed) + "\nUndo the change, start a new run in another --output_dir, or "
+                "pass --allow_changed_settings true to resume anyway (run_summary.json then records the changes)")
+        report.resumed_with_changes = changed
+    trainer = build_trainer(script_args, training_args, model_args, tokenizer, dataset, validation, CheckpointSeal(shape))
     outcome = train(trainer, script_args, model_args, report, started, validation)
     if state.is_main_process and outcome.completed:
         print(f"done: the adapter is in {outcome.output_dir} (run_summary.json says how the run went). Compare it "

@@ -150,7 +150,7 @@ def test_bad_row_fails_before_weights_load_and_names_the_row(tmp_path, tokenizer
         (["--model_name_or_path", "/nonexistent"], "model folder /nonexistent does not exist"),
         (["--model_name_or_path", "someone/tiny-mistral"],
          "someone/tiny-mistral: no such local folder, and not in the local Hub cache (HF_HUB_OFFLINE is set); build the tiny"),
-        (["--resume_from_checkpoint", "true"], "no checkpoint-* in"),
+        (["--resume_from_checkpoint", "true"], "no complete checkpoint-* in"),
         (["--fp8_base", "true", "--load_in_4bit", "true"], "fp8_base and load_in_4bit/load_in_8bit are two precisions"),
         (["--fp8_base", "true", "--use_peft", "false"], "fp8_base puts the frozen base in FP8 under LoRA: set use_peft: true"),
         (["--fp8_base", "true", "--dtype", "float32"], "fp8_base: set dtype: bfloat16 (not float32)"),
@@ -234,3 +234,79 @@ def test_every_accelerate_config_loads(path):
 def test_accelerate_configs_cover_the_launch_modes():
     names = {p.stem for p in ACCELERATE_CONFIGS}
     assert names >= {"single_gpu", "multi_gpu", "fsdp", "fsdp_qlora", "multi_node", "cpu_2proc"}
+
+
+def _nested(tmp_path):
+    path = tmp_path / "nested.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    return ["--dataset_name", path]
+
+
+def _gzipped(tmp_path):
+    import gzip
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(gzip.compress((REPO / "data" / "alpaca_sample.jsonl").read_bytes()))
+    return ["--dataset_name", path]
+
+
+def _tab_in_recipe(tmp_path):
+    recipe = tmp_path / "tab.yaml"
+    recipe.write_text((REPO / "recipes/tiny-cpu.yaml").read_text().replace("lora_r: 16", "lora_r:\t16\n\tlora_alpha: 3"))
+    return ["--config", recipe]
+
+
+def _model_copy(tmp_path, model_dir, drop=(), corrupt=None):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder, ignore=shutil.ignore_patterns(*drop))
+    if corrupt:
+        (folder / corrupt).write_text('{"model_type": "mistral", ')
+    return ["--model_name_or_path", folder]
+
+
+def _adapter_as_base(tmp_path, model_dir):
+    from conftest import train
+
+    train(model_dir, tmp_path / "earlier", "--max_steps", 1)
+    return ["--model_name_or_path", tmp_path / "earlier"]
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda t, m: ["--attn_implementation", "flashy"], "attn_implementation='flashy': use one of"),
+    (lambda t, m: _tab_in_recipe(t), "the recipe is not valid YAML"),
+    (lambda t, m: _model_copy(t, m, drop=("tokenizer*",)), "has no tokenizer (tokenizer.json"),
+    (lambda t, m: _model_copy(t, m, corrupt="config.json"), "config.json is not valid JSON"),
+    (lambda t, m: _adapter_as_base(t, m), "is a LoRA adapter (trained on"),
+    (lambda t, m: ["--lora_dropout", 2.0], "lora_dropout=2.0: a probability"),
+    (lambda t, m: ["--lora_target_modules", "nope"], "lora_target_modules=nope: no linear layer of"),
+    (lambda t, m: ["--lora_r", 100000], "lora_r=100000: more than the smallest adapted layer's 32 dimensions"),
+    (lambda t, m: ["--max_train_rows", -3], "max_train_rows=-3: must be >= 1"),
+    (lambda t, m: ["--save_strategy", "steps", "--save_steps", 0], "save_steps=0 with save_strategy 'steps': no checkpoint"),
+    (lambda t, m: ["--dataset_name", REPO / "data"], "is a folder: give one data file"),
+    (lambda t, m: _nested(t), "row 1 (line 2): nested too deeply to be a record"),
+    (lambda t, m: _gzipped(t), "is gzip-compressed, whatever its name says"),
+    (lambda t, m: ["--resume_from_checkpoint", "true", "--overwrite_output_dir", "true"],
+     "resume_from_checkpoint and overwrite_output_dir are both set"),
+])
+def test_a_bad_file_or_setting_is_one_message_before_weights_load(make, message, tiny_model_dir, tmp_path, run_train):
+    out = tmp_path / "out"
+    args = make(tmp_path, tiny_model_dir)
+    if "--resume_from_checkpoint" in args:  # something to resume from
+        (out / "checkpoint-1").mkdir(parents=True)
+        (out / "checkpoint-1" / "checkpoint.json").write_text("{}")
+    config = [] if "--config" in args else ["--config", REPO / "recipes/tiny-cpu.yaml"]
+    result = run_train(*config, "--model_name_or_path", tiny_model_dir, "--output_dir", out, *args)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert not (out / "train_config.yaml").exists()
+
+
+def test_a_setting_that_is_almost_surely_a_mistake_is_warned_with_its_number(tiny_model_dir, tmp_path):
+    from alpaca_sft.train.checks import check_settings
+
+    warnings = check_settings(*parse("--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out",
+                                     "--learning_rate", 1e6, "--lora_r", 24))
+    assert any("learning_rate=1e+06: LoRA trains at 1e-4 to 1e-3" in w for w in warnings)
+    assert any("lora_r=24: more than half the smallest adapted layer's 32 dimensions" in w for w in warnings)
+    assert check_settings(*parse("--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out2")) == []

@@ -194,13 +194,21 @@ def test_adapter_from_another_base_is_refused_before_weights_load(tiny_model_dir
     assert inspect_pair(str(copy), adapter_dir).is_adapter
 
 
-def test_an_interrupted_run_points_to_its_checkpoint(tiny_model_dir, adapter_dir, tmp_path):
+def test_an_interrupted_run_points_to_its_newest_complete_checkpoint(tiny_model_dir, adapter_dir, tmp_path):
     import shutil
 
+    from alpaca_sft.train.checkpoints import SEAL
+
     stopped = tmp_path / "stopped"
-    shutil.copytree(adapter_dir, stopped / "checkpoint-3", ignore=shutil.ignore_patterns("comparison*"))
-    with pytest.raises(PairError, match=r"holds no finished adapter .* --tuned .*checkpoint-3"):
+    for step in (3, 6):  # 3 sealed; 6 as a kill -9 in the middle of its save leaves it
+        shutil.copytree(adapter_dir, stopped / f"checkpoint-{step}", ignore=shutil.ignore_patterns("comparison*"))
+    (stopped / "checkpoint-3" / SEAL).write_text("{}")
+    with pytest.raises(PairError, match=r"holds no finished adapter .* --tuned .*checkpoint-3 \(checkpoint-6 not completely"):
         inspect_pair(str(tiny_model_dir), stopped)
+    with pytest.raises(PairError, match=r"checkpoint-6 was not completely written .* --tuned .*checkpoint-3"):
+        inspect_pair(str(tiny_model_dir), stopped / "checkpoint-6")
+    with pytest.raises(PairError, match="is --base itself"):
+        inspect_pair(str(tiny_model_dir), tiny_model_dir)
 
 
 def test_the_folder_evaluated_is_left_as_it_was(tiny_model_dir, adapter_dir, prompt_file, tmp_path):
@@ -249,6 +257,12 @@ def test_push_uploads_merged_model_and_card_to_the_hub(tiny_model_dir, adapter_d
     result = subprocess.run(early, env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "cannot push to me/tiny-alpaca" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "cmp2").exists() and "generating" not in result.stdout
+
+
+def test_a_repository_id_the_hub_would_refuse_is_refused_before_anything_loads(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        eval_compare.parse_args(["--base", "b", "--tuned", "t", "--push_to_hub", "a/b/c"])
+    assert exit_.value.code == 2 and "--push_to_hub a/b/c: not a Hub repository id" in capsys.readouterr().err
 
 
 def test_qlora_adapter_is_merged_in_full_precision_and_its_gap_reported(tiny_model_dir, prompt_file, tmp_path):

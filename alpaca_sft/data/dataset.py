@@ -4,9 +4,11 @@ tokenizer alone, so bad data fails before any model weights load."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import statistics
+from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +36,8 @@ class DataReport:
     prompt_tokens: int = 0
     trained_tokens: int = 0
     mix: dict[str, Any] | None = None  # mix_in: the second data set, and the share of training examples it makes up
+    fingerprint: str | None = None  # of the examples trained on, in order: a resume checks it (train/checkpoints.py)
+    resumed_with_changes: list[str] | None = None  # what --allow_changed_settings let a resume change
     validation: dict[str, Any] | None = None  # data/split.py: where the validation examples came from
 
     @property
@@ -169,7 +173,16 @@ def build_training_data(script_args, tokenizer, max_length: int | None, seed: in
         dataset, report = mix_in(dataset, report, mix, mix_report, script_args.mix_share, seed)
     dataset, validation = split_validation(dataset, report, size=script_args.validation_size,
                                            seed=script_args.validation_seed, file=script_args.validation_file, build=build)
+    report.fingerprint = fingerprint(dataset)
     return dataset, validation, report
+
+
+def fingerprint(dataset) -> str:
+    """A short hash of every example's tokens and labels, in order."""
+    digest = hashlib.sha256()
+    for ids, labels in zip(dataset["input_ids"], dataset["labels"]):
+        digest.update(array("i", ids).tobytes() + b"|" + array("i", labels).tobytes() + b";")
+    return digest.hexdigest()[:16]
 
 
 def preview(rows: Iterable[dict], tokenizer, n: int, path: Path) -> str:

@@ -69,6 +69,7 @@ def read_rows(source: str, split: str = "train") -> list[Row]:
     if path.suffix in LOCAL_SUFFIXES:
         if not path.is_file():
             raise DataError(f"data file {source} does not exist")
+        _refuse_compressed(path)
         if path.suffix == ".json":
             return _read_json(path)
         if path.suffix == ".jsonl":
@@ -77,6 +78,19 @@ def read_rows(source: str, split: str = "train") -> list[Row]:
     if path.is_file():
         raise DataError(f"unsupported data file {source}: use one of {', '.join(LOCAL_SUFFIXES)}")
     return _read_with_datasets(source, split=split)
+
+
+# What compressed or archived files start with, whatever their name says.
+COMPRESSED = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _refuse_compressed(path: Path) -> None:
+    with path.open("rb") as file:
+        start = file.read(6)
+    kind = next((k for magic, k in COMPRESSED.items() if start.startswith(magic)), None)
+    if kind and path.suffix != ".parquet":
+        raise DataError(f"{path} is {kind}-compressed, whatever its name says: decompress it first "
+                        f"(a {path.suffix} file is read as text)")
 
 
 def read_json_lines(path: Path) -> list[Row]:
@@ -96,6 +110,8 @@ def read_json_lines(path: Path) -> list[Row]:
             rows.append(Row(len(rows), record=json.loads(line), line=number))
         except json.JSONDecodeError as err:
             rows.append(Row(len(rows), line=number, unreadable=f"not valid JSON ({err.msg} at column {err.colno})"))
+        except RecursionError:
+            rows.append(Row(len(rows), line=number, unreadable="nested too deeply to be a record"))
     return rows
 
 
@@ -107,6 +123,8 @@ def _read_json(path: Path) -> list[Row]:
         return read_json_lines(path)  # which names the line that is not UTF-8
     try:
         whole = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path} is nested too deeply to be a list of records") from None
     except json.JSONDecodeError as err:
         if text.lstrip().startswith("["):
             raise DataError(f"{path} is not valid JSON: {err}") from err

@@ -4,6 +4,7 @@ is read, and a fingerprint of its stored weights that tells two models of the sa
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from ..hub import hub_problem, looks_local
@@ -11,15 +12,16 @@ from ..hub import hub_problem, looks_local
 MODEL_FILES = ("config.json", "adapter_config.json", "tokenizer_config.json")
 
 
-def model_problem(name: str, revision: str | None = None) -> str | None:
-    """None if `name` is a model folder or a reachable (or cached) Hub model, else what is wrong."""
+def model_problem(name: str, revision: str | None = None, need_tokenizer: bool = False) -> str | None:
+    """None if `name` is a model folder or a reachable (or cached) Hub model, else what is wrong; with
+    need_tokenizer (training reads the base's tokenizer), a local folder must hold one."""
     path = Path(name).expanduser()
     if path.is_dir():
         if not any((path / f).is_file() for f in MODEL_FILES):
             hint = ("; it holds a .gguf file: turn it into a model folder first with python tools/base_from_gguf.py"
                     if any(path.glob("*.gguf")) else "")
             return f"{name} is a folder but not a model folder (no config.json){hint}"
-        return None
+        return _folder_problem(path, name, need_tokenizer)
     if path.exists():
         if path.suffix == ".gguf":
             return f"{name} is a GGUF file: turn it into a model folder first with python tools/base_from_gguf.py {name} <folder>"
@@ -29,6 +31,31 @@ def model_problem(name: str, revision: str | None = None) -> str | None:
         return f"model folder {name} does not exist{hint}"  # else it may be a Hub id: its message says both
     problem = hub_problem(name, "model", revision)
     return problem + hint if problem else None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def _folder_problem(path: Path, name: str, need_tokenizer: bool) -> str | None:
+    """A local model folder that a loader would fail on: an adapter where a base belongs, a config.json that is
+    not JSON, no tokenizer."""
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        try:
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except ValueError:
+            base = None
+        return (f"{name} is a LoRA adapter (trained on {base or 'another base'}), not a base model: give its base as "
+                "model_name_or_path, or merge it into the base first (eval_compare.py writes the merged model)")
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            return f"{config} is not valid JSON ({err}): the folder is damaged; copy or convert the model again"
+    if need_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return (f"{name} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the base's tokenizer files into it, "
+                "as they were published with the model")
+    return None
 
 
 def model_fingerprint(name: str, revision: str | None = None) -> str | None:

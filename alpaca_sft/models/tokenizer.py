@@ -32,7 +32,10 @@ NEW_PAD = "<|pad|>"
 
 def load_tokenizer(name_or_path: str, revision: str | None = None):
     """The base's tokenizer with its special tokens settled (see the module's docstring)."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as err:  # no tokenizer files, or ones transformers cannot read
+        raise TokenizerError(f"cannot load the tokenizer of {name_or_path}: {err}") from None
     return settle_special_tokens(tokenizer, name_or_path, embedding_rows=_embedding_rows(name_or_path, revision))
 
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..models.sources import model_fingerprint, model_problem
+from ..train.checkpoints import CHECKPOINT, is_sealed, newest_sealed
 from ..train.run_record import RunRecord
 
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -54,6 +54,12 @@ def inspect_pair(base: str, tuned: str | Path, allow_other_base: bool = False) -
         raise PairError(f"--tuned {tuned}: no such folder (give an adapter folder from train_sft.py or a merged model)")
     if problem := model_problem(base):
         raise PairError(f"--base: {problem}")
+    if Path(base).expanduser().resolve() == tuned.resolve():
+        raise PairError(f"--tuned {tuned} is --base itself: give the folder train_sft.py wrote (its output_dir)")
+    if CHECKPOINT.match(tuned.name) and not is_sealed(tuned):
+        newest, _ = newest_sealed(tuned.parent)
+        raise PairError(f"--tuned {tuned} was not completely written (the run died while saving it)"
+                        + (f"; the newest complete checkpoint is --tuned {newest}" if newest else ""))
     base_config = _config(base)
     if (tuned / "adapter_config.json").is_file():
         record = RunRecord.read(tuned)
@@ -65,10 +71,12 @@ def inspect_pair(base: str, tuned: str | Path, allow_other_base: bool = False) -
     if (tuned / "config.json").is_file():
         _same_shape(_config(str(tuned)), base_config, str(tuned), base)
         return Tuned(tuned, False, RunRecord.read(tuned))
-    latest = get_last_checkpoint(str(tuned))
-    if latest:
-        raise PairError(f"--tuned {tuned} holds no finished adapter (the run stopped early); its last checkpoint is "
-                        f"--tuned {latest}, or resume the run with --resume_from_checkpoint true")
+    latest, unsealed = newest_sealed(tuned)
+    if latest or unsealed:
+        skipped = f" ({', '.join(p.name for p in unsealed)} not completely written)" if unsealed else ""
+        raise PairError(f"--tuned {tuned} holds no finished adapter (the run stopped early); "
+                        + (f"its newest complete checkpoint is --tuned {latest}{skipped}, or resume the run with "
+                           "--resume_from_checkpoint true" if latest else f"it holds no complete checkpoint{skipped}"))
     raise PairError(f"--tuned {tuned} holds neither adapter_config.json nor config.json")
 
 

@@ -4,6 +4,7 @@ huggingface_hub reads HF_TOKEN or the login cache itself."""
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 
@@ -46,6 +47,6 @@ def push(folder: Path, repo_id: str, private: bool, card) -> str:
     except Exception as err:
         raise PushError(
             f"push to {repo_id} failed: {_without_token(str(err))}\nThe merged model is complete in {folder}. Retry with:\n"
-            f"  hf upload {repo_id} {folder} .{' --private' if private else ''}"
+            f"  hf upload {shlex.quote(repo_id)} {shlex.quote(str(folder))} .{' --private' if private else ''}"
         ) from None
     return getattr(commit, "commit_url", None) or str(commit)

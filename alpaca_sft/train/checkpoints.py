@@ -1,26 +1,163 @@
-"""Which checkpoint a run resumes from."""
+"""Checkpoints a run can trust: sealed once every file of one is on disk, never chosen half-written, and a
+resume that continues the same run.
+
+transformers writes checkpoint-N file by file (adapter, optimizer, scheduler, RNG state, trainer state) and
+rotates old ones out; a kill -9, a full disk or a second Ctrl-C in the middle leaves a folder that looks like
+a checkpoint and is not one. After the Trainer's save returns (on_save, every process past it), the main
+process writes the seal, `checkpoint.json`, atomically: the settings that shape the result, a fingerprint of
+the training data and the number of processes. Resuming takes the newest sealed checkpoint, names any newer
+one it skips (and sets it aside as checkpoint-N.incomplete), and compares the seal with the new run's
+settings: a change that would make it another run is refused, naming it, unless allow_changed_settings."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 
-from transformers.trainer_utils import get_last_checkpoint
+import torch.distributed as dist
+from transformers import TrainerCallback
 
 from .settings import SettingsError
 
+SEAL = "checkpoint.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# What a checkpoint needs to continue the run it came from, beside the adapter (transformers' file names).
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+# Settings that shape the trained adapter: a resume that changes one of them trains another run than the one
+# checkpointed. Logging, evaluation, saving and output settings may change.
+RESULT_SHAPING = (
+    "model_name_or_path", "model_revision", "dtype", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
+    "use_bnb_nested_quant", "fp8_base", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "use_rslora", "use_dora", "dataset_name", "dataset_split", "mix_dataset_name", "mix_share", "max_train_rows",
+    "drop_invalid_rows", "overlong_policy", "validation_size", "validation_seed", "validation_file", "max_length",
+    "packing", "packing_strategy", "padding_free", "completion_only_loss", "loss_type", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+    "warmup_ratio", "weight_decay", "max_grad_norm", "num_train_epochs", "max_steps", "seed", "data_seed", "optim",
+    "adam_beta1", "adam_beta2", "adam_epsilon",
+)
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """checkpoint-N folders, by step."""
+    folder = Path(output_dir)
+    found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
+
+
+def is_sealed(checkpoint: Path) -> bool:
+    return (Path(checkpoint) / SEAL).is_file()
+
+
+def newest_sealed(output_dir: str | Path) -> tuple[Path | None, list[Path]]:
+    """The newest sealed checkpoint, and the unsealed ones newer than it (half-written)."""
+    found = checkpoints(output_dir)
+    sealed = [p for p in found if is_sealed(p)]
+    newest = sealed[-1] if sealed else None
+    newer = [p for p in found if not is_sealed(p) and (newest is None or _step(p) > _step(newest))]
+    return newest, newer
+
+
+def _step(checkpoint: Path) -> int:
+    return int(CHECKPOINT.match(checkpoint.name).group(1))
+
+
+def _names(paths) -> str:
+    return ", ".join(p.name for p in paths)
+
 
 def resume_target(training_args) -> str | None:
-    """The checkpoint to resume from: resume_from_checkpoint is a path, or "true" for the newest
+    """The checkpoint to resume from: resume_from_checkpoint is a path, or "true" for the newest sealed
     checkpoint-* in output_dir (the command line hands the flag over as a string)."""
     resume = training_args.resume_from_checkpoint
     if resume in (None, False) or str(resume).lower() == "false":
         return None
     if resume is True or str(resume).lower() == "true":
         folder = Path(training_args.output_dir)
-        latest = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-        if latest is None:
-            raise SettingsError(f"resume_from_checkpoint: no checkpoint-* in {folder} to resume from")
-        return latest
-    if not Path(resume).is_dir():
+        newest, newer = newest_sealed(folder)
+        if newest is None:
+            unsealed = f": {_names(newer)} were not completely written (the run died while saving)" if newer else ""
+            raise SettingsError(f"resume_from_checkpoint: no complete checkpoint-* in {folder} to resume from{unsealed}")
+        return str(newest)
+    path = Path(resume)
+    if not path.is_dir():
         raise SettingsError(f"resume_from_checkpoint={resume}: no such checkpoint folder")
-    return str(resume)
+    if not is_sealed(path):
+        newest, _ = newest_sealed(path.parent)
+        raise SettingsError(f"resume_from_checkpoint={resume}: this checkpoint was not completely written (the run died "
+                            f"while saving it){f'; the newest complete one is {newest}' if newest else ''}")
+    return str(path)
+
+
+def set_aside_unsealed(output_dir: str | Path, resume_from: str | None) -> list[str]:
+    """Rename the half-written checkpoints newer than the one resumed to checkpoint-N.incomplete, so that
+    neither this run's saves nor transformers' rotation mistake them for checkpoints; returns the new names."""
+    if resume_from is None:
+        return []
+    moved = []
+    for path in checkpoints(output_dir):
+        if not is_sealed(path) and _step(path) > _step(Path(resume_from)):
+            target, n = path.with_name(path.name + ".incomplete"), 1
+            while target.exists():
+                target, n = path.with_name(f"{path.name}.incomplete{n}"), n + 1
+            path.rename(target)
+            moved.append(target.name)
+    return moved
+
+
+def run_shape(script_args, training_args, model_args, world_size: int, data_fingerprint: str | None) -> dict:
+    """What makes this run this run: its result-shaping settings, its data and its number of processes."""
+    import dataclasses
+
+    settings = {**dataclasses.asdict(script_args), **dataclasses.asdict(model_args), **training_args.to_dict()}
+    shaping = {k: settings[k] for k in RESULT_SHAPING if k in settings}
+    return json.loads(json.dumps({"settings": shaping, "data_fingerprint": data_fingerprint, "world_size": world_size},
+                                 default=str))
+
+
+def resume_problems(checkpoint: str | Path, shape: dict) -> list[str]:
+    """How resuming `checkpoint` with this run's shape would not continue the run checkpointed."""
+    checkpoint = Path(checkpoint)
+    recorded = json.loads((checkpoint / SEAL).read_text())
+    problems = [f"{key}: {recorded['settings'].get(key)!r} in {checkpoint.name}, {value!r} now"
+                for key, value in shape["settings"].items() if recorded["settings"].get(key) != value]
+    if recorded.get("data_fingerprint") != shape["data_fingerprint"]:
+        problems.append(f"the training examples differ from those {checkpoint.name} was trained on (same settings, "
+                        "other rows: the data file changed)")
+    if recorded.get("world_size") != shape["world_size"]:
+        problems.append(f"{recorded.get('world_size')} processes trained {checkpoint.name}, {shape['world_size']} now: "
+                        "the data order and the global batch would change")
+    missing = [name for name in TRAINING_STATE if not (checkpoint / name).is_file()]
+    if missing:
+        problems.append(f"{checkpoint.name} has no {', '.join(missing)}: the run would go on with a fresh optimizer "
+                        "or schedule")
+    return problems
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class CheckpointSeal(TrainerCallback):
+    """Seals each checkpoint once the Trainer's save of it has returned on every process."""
+
+    def __init__(self, shape: dict):
+        self.shape = shape
+
+    def on_save(self, args, state, control, **kwargs):
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every process has written its part (its RNG state, its shard)
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            _write_atomically(checkpoint / SEAL, json.dumps({"step": state.global_step, **self.shape}, indent=2))

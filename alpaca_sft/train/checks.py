@@ -5,11 +5,14 @@ anything."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..data.records import LOCAL_SUFFIXES, dataset_problem
+from ..kernels.attention import DOCUMENT_FLEX
 from ..kernels.fp8_base import fp8_gemm_problem
 from ..launch import fsdp_enabled, launched_processes
 from ..models.sources import model_problem
@@ -18,7 +21,9 @@ from .run_record import holds_a_run
 from .settings import SettingsError, settings_error
 
 
-def check_settings(script_args, training_args, model_args) -> None:
+def check_settings(script_args, training_args, model_args) -> list[str]:
+    """Raises one SettingsError listing every problem; returns the warnings (settings that are almost surely
+    mistakes, with the number that makes them so)."""
     problems = []
     try:
         resume = resume_target(training_args)
@@ -30,8 +35,11 @@ def check_settings(script_args, training_args, model_args) -> None:
                   _adapter_problems(script_args, training_args, model_args), _tracker_problems(training_args),
                   _output_problems(script_args, training_args, resume)):
         problems += check
+    shape_problems, warnings = _model_shape_problems(model_args) if not problems else ([], [])
+    problems += shape_problems
     if problems:
         raise settings_error(problems)
+    return warnings + _warnings(training_args)
 
 
 def _missing(package: str) -> bool:
@@ -51,14 +59,16 @@ def _source_problems(script_args, model_args) -> list[str]:
     problems = []
     if not model_args.model_name_or_path:
         problems.append("model_name_or_path is not set: give a Hub id or a local model folder")
-    elif problem := model_problem(model_args.model_name_or_path, model_args.model_revision):
+    elif problem := model_problem(model_args.model_name_or_path, model_args.model_revision, need_tokenizer=True):
         problems.append(f"model: {problem}")
     for setting in ("dataset_name", "mix_dataset_name"):
         name = getattr(script_args, setting)
         if name is None:
             continue
         source = Path(name)
-        if source.suffix in LOCAL_SUFFIXES and not source.is_file():
+        if source.is_dir():
+            problems.append(f"{setting}={name} is a folder: give one data file (.json/.jsonl/.parquet/.csv) or a Hub id")
+        elif source.suffix in LOCAL_SUFFIXES and not source.is_file():
             problems.append(f"{setting}={name}: no such file")
         elif source.suffix not in LOCAL_SUFFIXES and (problem := dataset_problem(name)):
             problems.append(f"{setting}: {problem}")
@@ -84,6 +94,10 @@ def _training_problems(training_args) -> list[str]:
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, name) <= 0:
             problems.append(f"{name}={getattr(training_args, name)}: must be >= 1")
+    if training_args.save_strategy == "steps" and training_args.save_steps <= 0:
+        problems.append(f"save_steps={training_args.save_steps:g} with save_strategy 'steps': no checkpoint would ever be "
+                        "written; give a number of steps, or save_strategy: 'no'")
+
     if training_args.use_liger_kernel and _missing("liger_kernel"):
         problems.append("use_liger_kernel needs liger-kernel: pip install liger-kernel (or set it false)")
     return problems
@@ -92,6 +106,12 @@ def _training_problems(training_args) -> list[str]:
 def _adapter_problems(script_args, training_args, model_args) -> list[str]:
     """LoRA, the base's precision (bf16, 4-bit, 8-bit, FP8) and what each needs of the machine."""
     problems = []
+    attention = model_args.attn_implementation
+    known = {"auto", "eager", DOCUMENT_FLEX, *ALL_ATTENTION_FUNCTIONS.keys()}
+    if attention not in (None, *known) and "/" not in attention:  # org/name: a Hub kernel, transformers' to judge
+        problems.append(f"attn_implementation={attention!r}: use one of {', '.join(sorted(known))}")
+    if model_args.use_peft and not 0 <= model_args.lora_dropout < 1:
+        problems.append(f"lora_dropout={model_args.lora_dropout}: a probability, from 0 up to (not including) 1")
     if model_args.use_peft and model_args.lora_r <= 0:
         problems.append(f"lora_r={model_args.lora_r}: the LoRA rank must be > 0")
     if model_args.use_peft and model_args.lora_alpha <= 0:
@@ -126,6 +146,50 @@ def _adapter_problems(script_args, training_args, model_args) -> list[str]:
     return problems
 
 
+def _model_shape_problems(model_args) -> tuple[list[str], list[str]]:
+    """From the base's config alone (its layers built on the meta device): LoRA target modules that match no
+    layer, and a rank no adapted layer can hold. Skipped where the config cannot be read without a download."""
+    if not model_args.use_peft:
+        return [], []
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # a Hub model not downloaded yet: the loader will say what is wrong
+        return [], []
+    targets = model_args.lora_target_modules
+    if targets is None:
+        return [], []  # PEFT's own per-architecture default
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if targets == "all-linear" or targets == ["all-linear"]:
+        matched = {n: m for n, m in layers.items() if m is not model.get_output_embeddings()}
+    else:
+        wanted = [targets] if isinstance(targets, str) else list(targets)
+        matched = {n: m for n, m in layers.items()
+                   if any(n == t or n.endswith("." + t) or (isinstance(targets, str) and re.fullmatch(t, n)) for t in wanted)}
+    if not matched:
+        names = sorted({n.rsplit(".", 1)[-1] for n in layers})
+        return [f"lora_target_modules={targets}: no linear layer of {model_args.model_name_or_path} matches "
+                f"(its layers: {', '.join(names)})"], []
+    smallest = min(min(m.in_features, m.out_features) for m in matched.values())
+    if model_args.lora_r > smallest:
+        return [f"lora_r={model_args.lora_r}: more than the smallest adapted layer's {smallest} dimensions, so the "
+                "update is no longer low-rank (the full weight would be smaller); LoRA ranks are 8-64"], []
+    if model_args.lora_r > smallest // 2:
+        return [], [f"lora_r={model_args.lora_r}: more than half the smallest adapted layer's {smallest} "
+                    "dimensions: an adapter that large costs nearly what full fine-tuning does"]
+    return [], []
+
+
+def _warnings(training_args) -> list[str]:
+    if training_args.learning_rate > 0.1:
+        return [f"learning_rate={training_args.learning_rate:g}: LoRA trains at 1e-4 to 1e-3; at more than 0.1 the loss "
+                "is likely to diverge (the NaN guard then stops the run)"]
+    return []
+
+
 def _tracker_problems(training_args) -> list[str]:
     trackers, problems = set(training_args.report_to or []), []
     if "tensorboard" in trackers and _missing("tensorboard") and _missing("tensorboardX"):
@@ -139,6 +203,9 @@ def _output_problems(script_args, training_args, resume) -> list[str]:
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         return [f"output_dir={output_dir} is a file; give a folder"]
+    if script_args.overwrite_output_dir and resume:
+        return ["resume_from_checkpoint and overwrite_output_dir are both set: overwriting removes the checkpoints "
+                "a resume would read; pick one"]
     if holds_a_run(output_dir) and not (script_args.overwrite_output_dir or resume or script_args.preview):
         return [f"output_dir={output_dir} already holds a run: pass --resume_from_checkpoint true to continue it, "
                 "--overwrite_output_dir true to replace it, or another --output_dir"]

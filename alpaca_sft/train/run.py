@@ -4,6 +4,7 @@ samples, the run's record). Nothing here ends the process: train_sft.py turns th
 
 from __future__ import annotations
 
+import errno
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,6 @@ from peft.helpers import disable_input_dtype_casting
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer, get_peft_config, get_quantization_config
 
 from ..kernels.attention import resolve_attention
@@ -23,6 +23,7 @@ from ..kernels.liger import pin_liger_rope_to_triton
 from ..models.loading import load_model, set_generation_ids
 from ..models.sources import model_fingerprint
 from .callbacks import EvaluateAtEnd, GracefulStop, NonFiniteGuard, ProgressLine, ThroughputRecord
+from .checkpoints import newest_sealed
 from .run_record import peak_gpu_memory_per_process, run_summary, save_resolved_config, write_json
 from .validation import ValidatingSFTTrainer, samples_at_end, samples_text
 
@@ -46,8 +47,9 @@ class Outcome:
         return self.status == "completed"
 
 
-def build_trainer(script_args, training_args, model_args, tokenizer, dataset, eval_dataset=None) -> SFTTrainer:
-    """The model and SFTTrainer as train_sft.py trains them, its console line, stops and validation included."""
+def build_trainer(script_args, training_args, model_args, tokenizer, dataset, eval_dataset=None, seal=None) -> SFTTrainer:
+    """The model and SFTTrainer as train_sft.py trains them, its console line, stops and validation included;
+    `seal` (train/checkpoints.py's CheckpointSeal) marks each checkpoint complete once it is."""
     attn_implementation = resolve_attention(model_args.attn_implementation, training_args.packing)
     if training_args.use_liger_kernel:
         pin_liger_rope_to_triton()
@@ -55,7 +57,7 @@ def build_trainer(script_args, training_args, model_args, tokenizer, dataset, ev
                        attn_implementation=attn_implementation, quantization_config=get_quantization_config(model_args))
     model.config.use_cache = False  # training: the KV cache is dead weight, and packed rows need none
     set_generation_ids(model, tokenizer)
-    callbacks = [ThroughputRecord(), ProgressLine(), GracefulStop(), NonFiniteGuard()]
+    callbacks = [ThroughputRecord(), ProgressLine(), GracefulStop(), NonFiniteGuard()] + ([seal] if seal else [])
     trainer = ValidatingSFTTrainer(
         model=model,
         args=training_args,
@@ -94,8 +96,21 @@ def train(trainer, script_args, model_args, data_report, started: float, validat
     # PEFT keeps LoRA weights in fp32 and upcasts each adapted layer's bf16 input to match; under
     # bf16 autocast the matmul then runs in bf16 anyway, so the upcast only adds an fp32 copy and a
     # bf16 re-cast, saved for backward, of every adapted input. Same gradients, less memory traffic.
-    with disable_input_dtype_casting(trainer.model, active=args.bf16 or args.fp16):
-        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    broken = None
+    try:
+        with disable_input_dtype_casting(trainer.model, active=args.bf16 or args.fp16):
+            trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    except KeyboardInterrupt:  # a second Ctrl-C, during the save the first one asked for
+        broken = _interrupted(output_dir, "interrupted again while saving", 128 + signal.SIGINT)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+            raise
+        broken = _interrupted(output_dir, f"{err.strerror} while writing", 1, err)
+    if broken is not None:  # the Trainer's state is mid-step or mid-save: nothing more is written from it
+        if main:
+            print(("error: " if broken.exit_code == 1 else "") + broken.message, flush=True)
+        broken.trainer = trainer
+        return broken
 
     outcome = _how_it_ended(trainer, output_dir)
     if outcome.completed:
@@ -126,9 +141,20 @@ def train(trainer, script_args, model_args, data_report, started: float, validat
     return outcome
 
 
+def _interrupted(output_dir: Path, what: str, exit_code: int, err: OSError | None = None) -> Outcome:
+    last_good, unsealed = newest_sealed(output_dir)
+    where = f" {err.filename}" if err is not None and err.filename else ""
+    skipped = f"; {', '.join(p.name for p in unsealed)} was not completely written and will be skipped" if unsealed else ""
+    resume = ("resume with --resume_from_checkpoint true" + (" once there is room on the disk" if exit_code == 1 else "")
+              if last_good else "start again")
+    return Outcome(f"{'failed' if exit_code == 1 else 'stopped'}: {what}{where}",
+                   f"{what}{where}. The last complete checkpoint is {last_good or 'none'}{skipped}: {resume}.",
+                   exit_code, output_dir)
+
+
 def _how_it_ended(trainer, output_dir: Path) -> Outcome:
     stop, guard = _callback(trainer, GracefulStop), _callback(trainer, NonFiniteGuard)
-    last_good = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    last_good, _ = newest_sealed(output_dir)
     if guard.tripped_at is not None:
         return Outcome(
             f"stopped: non-finite loss or weights at step {guard.tripped_at}",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
+import yaml
 
 
 # What a GPU recipe needs on a machine without a GPU: no bf16 mixed precision (transformers refuses it there),
@@ -92,7 +93,13 @@ class ScriptArguments:
                           "LoRA, norms, embeddings, LM head stay bf16. Speed: bench/RESULTS.md."},
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow training into an output_dir that already holds another run."}
+        default=False, metadata={"help": "Replace the run an output_dir holds: its adapter, record and checkpoints are "
+                                         "removed before this run writes anything."}
+    )
+    allow_changed_settings: bool = field(
+        default=False, metadata={"help": "Resume although settings that shape the result (model, data, LoRA, batch, "
+                                         "schedule) differ from the checkpoint's, or its optimizer state is missing; "
+                                         "the changes are recorded in run_summary.json."}
     )
 
     def __post_init__(self):
@@ -142,6 +149,8 @@ def parse_settings(argv: list[str] | None = None):
         return parser.parse_args_and_config(argv)
     except SettingsError:
         raise
+    except yaml.YAMLError as err:  # a tab where YAML wants spaces, an unclosed quote
+        raise SettingsError(f"the recipe is not valid YAML: {err}".replace("\n", " ")) from None
     except ValueError as err:
         if "bf16/gpu" in str(err) and not torch.cuda.is_available():  # transformers' TrainingArguments, said plainly
             raise SettingsError("the recipe trains in bf16 on a GPU, and this machine has none: to train on the CPU "

@@ -1,0 +1,191 @@
+"""Faults during a run, on the tiny recipe: a kill -9 at several points of a save, a full disk during a save, a
+second Ctrl-C during the graceful save, a second run into the same folder, a resume after a clean start, and a
+resume with other settings. Each ends with the user's last good result intact and a message that says what
+happened."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import NO_VALIDATION, REPO, TINY, train
+from safetensors.torch import load_file
+from transformers import Trainer
+
+import train_sft
+from alpaca_sft.train.callbacks import GracefulStop
+from alpaca_sft.train.checkpoints import SEAL
+from alpaca_sft.train.output_dir import LOCK_FILE, OutputDirLock
+
+# 6 steps, a checkpoint every 2: the fault strikes checkpoint-4, checkpoint-2 is the last good one.
+STEPS = ("--max_steps", 6, "--save_strategy", "steps", "--save_steps", 2, "--logging_steps", 2)
+
+
+def sealed(output_dir):
+    return sorted(p.name for p in output_dir.glob("checkpoint-*") if (p / SEAL).is_file())
+
+
+def unsealed(output_dir):
+    return sorted(p.name for p in output_dir.glob("checkpoint-*") if not (p / SEAL).is_file())
+
+
+def cli(capsys, *args):
+    capsys.readouterr()
+    code = train_sft.cli(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def resumes_from_the_last_complete_checkpoint(model_dir, out, capsys, straight=None):
+    """--resume_from_checkpoint true takes checkpoint-2 and sets checkpoint-4 aside; with `straight`, the resumed run
+    is trained to the end and must equal the run that never broke (else --preview: the choice, without training)."""
+    code, said = cli(capsys, "--config", TINY, "--model_name_or_path", model_dir, "--output_dir", out, *NO_VALIDATION,
+                     *STEPS, "--resume_from_checkpoint", "true", *([] if straight else ["--preview", 1]))
+    assert code == 0, said
+    assert f"resuming from {out / 'checkpoint-2'}; set aside as not completely written: checkpoint-4.incomplete" in said
+    if straight:
+        a, b = load_file(straight / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert train(tiny_model_dir, out, *STEPS).completed
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["after_adapter", "inside_optimizer", "before_seal"])
+def test_a_kill_during_a_save_leaves_the_last_complete_checkpoint_to_resume(point, tiny_model_dir, straight, tmp_path,
+                                                                            capsys):
+    out = tmp_path / "run"
+    killed = subprocess.run([sys.executable, str(REPO / "tests" / "fault_worker.py"), point, "4", "--config", str(TINY),
+                             "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),
+                             *map(str, NO_VALIDATION), *map(str, STEPS)], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert sealed(out) == ["checkpoint-2"] and unsealed(out) == ["checkpoint-4"]
+    code, said = cli(capsys, "--config", TINY, "--model_name_or_path", tiny_model_dir, "--output_dir", out,
+                     *NO_VALIDATION, *STEPS, "--resume_from_checkpoint", str(out / "checkpoint-4"))
+    assert code == 1 and "checkpoint-4: this checkpoint was not completely written" in said
+    assert f"the newest complete one is {out / 'checkpoint-2'}" in said
+    resumes_from_the_last_complete_checkpoint(tiny_model_dir, out, capsys, straight if point == "inside_optimizer" else None)
+
+
+def test_a_full_disk_during_a_save_fails_in_one_message_and_resumes(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    torch_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith("checkpoint-4/optimizer.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return torch_save(obj, f, *args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, said = cli(capsys, "--config", TINY, "--model_name_or_path", tiny_model_dir, "--output_dir", out,
+                     *NO_VALIDATION, *STEPS)
+    assert code == 1 and said.count("Traceback") == 0
+    assert f"No space left on device while writing {out / 'checkpoint-4' / 'optimizer.pt'}" in said
+    assert f"The last complete checkpoint is {out / 'checkpoint-2'}; checkpoint-4 was not completely written" in said
+    monkeypatch.setattr(torch, "save", torch_save)
+    resumes_from_the_last_complete_checkpoint(tiny_model_dir, out, capsys)
+
+
+def test_a_second_interrupt_during_the_graceful_save_keeps_the_last_complete_checkpoint(tiny_model_dir, tmp_path,
+                                                                                       capsys, monkeypatch):
+    first = GracefulStop.on_step_end
+
+    def ctrl_c_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the graceful stop: finish the step, save, exit
+        return first(self, args, state, control, **kwargs)
+
+    save_optimizer = Trainer._save_optimizer_and_scheduler
+
+    def ctrl_c_again(self, output_dir):  # the user presses Ctrl-C again while that save is written
+        if self.state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return save_optimizer(self, output_dir)
+
+    monkeypatch.setattr(GracefulStop, "on_step_end", ctrl_c_at_step_3)
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", ctrl_c_again)
+    out = tmp_path / "run"
+    code, said = cli(capsys, "--config", TINY, "--model_name_or_path", tiny_model_dir, "--output_dir", out,
+                     *NO_VALIDATION, *STEPS)
+    assert code == 128 + signal.SIGINT
+    assert f"interrupted again while saving. The last complete checkpoint is {out / 'checkpoint-2'}" in said
+    assert sealed(out) == ["checkpoint-2"] and unsealed(out) == ["checkpoint-3"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.undo()
+    code, said = cli(capsys, "--config", TINY, "--model_name_or_path", tiny_model_dir, "--output_dir", out,
+                     *NO_VALIDATION, *STEPS, "--resume_from_checkpoint", "true", "--preview", 1)
+    assert code == 0 and "set aside as not completely written: checkpoint-3.incomplete" in said
+
+
+def test_one_run_per_output_dir_and_a_dead_holder_is_taken_over(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = OutputDirLock(out).acquire()  # a live run holds the folder
+    code, said = cli(capsys, "--config", TINY, "--model_name_or_path", tiny_model_dir, "--output_dir", out,
+                     *NO_VALIDATION, "--max_steps", 1)
+    assert code == 1 and f"output_dir={out} is in use by another run (pid {os.getpid()}" in said
+    assert not (out / "train_config.yaml").exists()
+    holder.release()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 999999, "host": "elsewhere", "started": "2026-12-01 10:00:00"}))
+    code, said = cli(capsys, "--config", TINY, "--model_name_or_path", tiny_model_dir, "--output_dir", out,
+                     *NO_VALIDATION, "--max_steps", 1)  # its holder died without a word: the lock is free
+    assert code == 0 and "its last run (pid 999999 on elsewhere, started 2026-12-01 10:00:00) is gone" in said
+
+
+def test_overwrite_starts_clean_and_a_later_resume_continues_the_new_run(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tiny_model_dir, out, *STEPS).completed
+    assert sealed(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    second = train(tiny_model_dir, out, *STEPS, "--max_steps", 3, "--learning_rate", 1e-3, "--overwrite_output_dir", "true")
+    assert second.completed and sealed(out) == ["checkpoint-2", "checkpoint-3"]  # nothing of the first run is left
+    adapter = load_file(out / "adapter_model.safetensors")
+    (out / "checkpoint-3").rename(out / "gone")  # a resume takes the new run's newest checkpoint: checkpoint-2
+    code, said = cli(capsys, "--config", TINY, "--model_name_or_path", tiny_model_dir, "--output_dir", out,
+                     *NO_VALIDATION, *STEPS, "--max_steps", 3, "--learning_rate", 1e-3, "--resume_from_checkpoint", "true")
+    assert code == 0, said
+    assert json.loads((out / "run_summary.json").read_text())["global_step"] == 3
+    assert all(torch.equal(adapter[k], v) for k, v in load_file(out / "adapter_model.safetensors").items())
+
+
+def test_a_broken_overwriting_run_leaves_no_record_of_another_adapter(tiny_model_dir, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    assert train(tiny_model_dir, out, "--max_steps", 2).completed
+    broken = train(tiny_model_dir, out, "--max_steps", 20, "--lora_r", 4, "--learning_rate", 1e30, "--max_grad_norm", 0,
+                   "--overwrite_output_dir", "true")
+    assert broken.exit_code == 1
+    assert not (out / "adapter_model.safetensors").exists()  # the r=16 adapter went with its record
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["lora_r"] == 4
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    data = tmp_path / "data.jsonl"
+    data.write_text((REPO / "data" / "alpaca_sample.jsonl").read_text())
+    assert train(tiny_model_dir, out, *STEPS, "--dataset_name", data).completed
+    common = ["--config", TINY, "--model_name_or_path", tiny_model_dir, "--output_dir", out, *NO_VALIDATION, *STEPS,
+              "--dataset_name", data, "--resume_from_checkpoint", out / "checkpoint-4"]
+    code, said = cli(capsys, *common, "--learning_rate", 1e-3, "--lora_r", 8)
+    assert code == 1 and "would not continue the run it checkpointed" in said
+    assert "learning_rate: 0.003 in checkpoint-4, 0.001 now" in said and "lora_r: 16 in checkpoint-4, 8 now" in said
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[::-1]))  # the same file name, other order
+    code, said = cli(capsys, *common)
+    assert code == 1 and "the training examples differ from those checkpoint-4 was trained on" in said
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[::-1]))
+    (out / "checkpoint-4" / "optimizer.pt").unlink()
+    code, said = cli(capsys, *common)
+    assert code == 1 and "checkpoint-4 has no optimizer.pt" in said
+    code, said = cli(capsys, *common, "--allow_changed_settings", "true", "--logging_steps", 1)  # logging may change
+    assert code == 0, said
+    assert json.loads((out / "run_summary.json").read_text())["data"]["resumed_with_changes"] == [
+        "checkpoint-4 has no optimizer.pt: the run would go on with a fresh optimizer or schedule"]
