@@ -233,7 +233,7 @@ def test_every_accelerate_config_loads(path):
 
 def test_accelerate_configs_cover_the_launch_modes():
     names = {p.stem for p in ACCELERATE_CONFIGS}
-    assert names >= {"single_gpu", "multi_gpu", "fsdp", "fsdp_qlora", "multi_node", "cpu_2proc"}
+    assert names >= {"single_gpu", "multi_gpu", "fsdp", "fsdp_qlora", "multi_node", "cpu_2proc", "cpu_2machines"}
 
 
 def _nested(tmp_path):

@@ -166,32 +166,58 @@ def test_qlora_trains_on_cpu(tiny_model_dir, tmp_path):
     assert any(key.endswith("lora_B.weight") and w.abs().sum() > 0 for key, w in adapter.items())
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_machines(*args):
+    """accelerate_configs/cpu_2machines.yaml as its comment says to start it: one launch per machine, alike but
+    for --machine_rank, meeting at the loopback address; both must succeed."""
+    port = free_port()
+    launches = [subprocess.Popen(
+        list(map(str, [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                       REPO / "accelerate_configs/cpu_2machines.yaml", "--machine_rank", rank, "--main_process_port", port,
+                       REPO / "train_sft.py", *args])),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [(launch.wait(timeout=600), *launch.communicate()) for launch in launches]
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    return results[0]
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_at_the_same_global_batch(tiny_model_dir, tmp_path):
+def test_two_machines_match_one_process_save_one_adapter_and_resume(tiny_model_dir, tmp_path):
     # No validation: all 24 examples pack into 4 rows, which split evenly over 2 processes (an odd count
     # would make accelerate repeat a row on one process, and the two runs would see different tokens).
-    common = ["--config", TINY, "--model_name_or_path", tiny_model_dir, "--max_steps", 3, "--logging_steps", 1,
-              "--use_cpu", "true", *NO_VALIDATION]
-    launch = [sys.executable, "-m", "accelerate.commands.launch"]
-    two = subprocess.run(
-        list(map(str, [*launch, "--config_file", REPO / "accelerate_configs/cpu_2proc.yaml", REPO / "train_sft.py", *common,
-         "--per_device_train_batch_size", 1, "--output_dir", tmp_path / "two"])),
-        capture_output=True, text=True, timeout=600,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "find_unused_parameters=True" not in two.stderr  # DDP does no search for unused weights
-    one = subprocess.run(
-        list(map(str, [sys.executable, REPO / "train_sft.py", *common, "--per_device_train_batch_size", 2,
-                       "--output_dir", tmp_path / "one"])),
-        capture_output=True, text=True, timeout=600,
-    )
+    common = ["--config", TINY, "--model_name_or_path", tiny_model_dir, "--max_steps", 4, "--logging_steps", 1,
+              "--save_strategy", "steps", "--save_steps", 2, "--use_cpu", "true", *NO_VALIDATION]
+    _, out, err = two_machines(*common, "--per_device_train_batch_size", 1, "--output_dir", tmp_path / "two")
+    assert "find_unused_parameters=True" not in err  # DDP does no search for unused weights
+    one = subprocess.run(list(map(str, [sys.executable, REPO / "train_sft.py", *common, "--per_device_train_batch_size", 2,
+                                        "--output_dir", tmp_path / "one"])), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two_summary = json.loads((tmp_path / "two" / "run_summary.json").read_text())
     one_summary = json.loads((tmp_path / "one" / "run_summary.json").read_text())
     assert two_summary["world_size"] == 2 and one_summary["world_size"] == 1
-    assert two_summary["tokens_seen"] == one_summary["tokens_seen"]
-    assert two_summary["first_loss"] == pytest.approx(one_summary["first_loss"], rel=1e-5)
-    assert two_summary["last_loss"] == pytest.approx(one_summary["last_loss"], rel=1e-5)
+    assert two_summary["status"] == "completed" and two_summary["tokens_seen"] == one_summary["tokens_seen"]
+    two_losses = [h["loss"] for h in json.loads((tmp_path / "two" / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    one_losses = [h["loss"] for h in json.loads((tmp_path / "one" / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert len(two_losses) == 4 and two_losses == pytest.approx(one_losses, rel=1e-5)
+    # one adapter, whole (train/run.py read it back and checked it), written once, by the main machine
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.safetensors")) == ["adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoint-2").glob("rng_state_*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    finished = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    # and resumed on the two machines from the middle, to the same adapter
+    _, out, _ = two_machines(*common, "--per_device_train_batch_size", 1, "--output_dir", tmp_path / "two",
+                             "--resume_from_checkpoint", tmp_path / "two" / "checkpoint-2")
+    assert "set aside: checkpoint-4.superseded" in out
+    resumed = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    for key in finished:
+        torch.testing.assert_close(resumed[key], finished[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_adapter_inputs_kept_in_bf16_give_the_same_gradients_and_save_less(tiny_model_dir):

@@ -90,17 +90,19 @@ def resume_target(training_args) -> str | None:
     return str(path)
 
 
-def set_aside_unsealed(output_dir: str | Path, resume_from: str | None) -> list[str]:
-    """Rename the half-written checkpoints newer than the one resumed to checkpoint-N.incomplete, so that
-    neither this run's saves nor transformers' rotation mistake them for checkpoints; returns the new names."""
+def set_aside_newer(output_dir: str | Path, resume_from: str | None) -> list[str]:
+    """Rename the checkpoints newer than the one resumed, so that this run's saves never write into them and
+    transformers' rotation never counts them: half-written ones to checkpoint-N.incomplete, sealed ones (a
+    resume from an earlier checkpoint redoes their steps) to checkpoint-N.superseded; returns the new names."""
     if resume_from is None:
         return []
     moved = []
     for path in checkpoints(output_dir):
-        if not is_sealed(path) and _step(path) > _step(Path(resume_from)):
-            target, n = path.with_name(path.name + ".incomplete"), 1
+        if _step(path) > _step(Path(resume_from)):
+            suffix = ".superseded" if is_sealed(path) else ".incomplete"
+            target, n = path.with_name(path.name + suffix), 1
             while target.exists():
-                target, n = path.with_name(f"{path.name}.incomplete{n}"), n + 1
+                target, n = path.with_name(f"{path.name}{suffix}{n}"), n + 1
             path.rename(target)
             moved.append(target.name)
     return moved

@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from .checkpoints import set_aside_unsealed
+from .checkpoints import set_aside_newer
 from .settings import SettingsError
 
 LOCK_FILE = ".lock"
@@ -100,8 +100,8 @@ def start_clean(output_dir: str | Path) -> list[str]:
 
 def claim(script_args, training_args, is_main_process: bool) -> OutputDirLock | None:
     """Before anything is written: take output_dir for this run (the main process holds the lock), start it clean
-    if --overwrite_output_dir asks to replace the run in it, and set aside the half-written checkpoints newer than
-    the one resumed. Every process raises the same SettingsError if the folder is another live run's."""
+    if --overwrite_output_dir asks to replace the run in it, and set aside the checkpoints newer than the one
+    resumed (train/checkpoints.py). Every process raises the same SettingsError if the folder is another live run's."""
     from accelerate.utils import broadcast_object_list
 
     lock, said = None, [None, []]
@@ -113,8 +113,9 @@ def claim(script_args, training_args, is_main_process: bool) -> OutputDirLock | 
             if script_args.overwrite_output_dir and not resume and not script_args.preview:
                 removed = start_clean(training_args.output_dir)
                 notes.append(f"--overwrite_output_dir: removed the earlier run's {', '.join(removed)}" if removed else None)
-            moved = set_aside_unsealed(training_args.output_dir, resume)
-            notes.append(f"resuming from {resume}; set aside as not completely written: {', '.join(moved)}" if moved else None)
+            moved = set_aside_newer(training_args.output_dir, resume)
+            notes.append(f"resuming from {resume}; set aside: {', '.join(moved)} (.incomplete: not completely written; "
+                         ".superseded: steps this run redoes)" if moved else None)
             said = [None, [n for n in notes if n]]
         except SettingsError as err:
             said = [str(err), []]
