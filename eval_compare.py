@@ -22,7 +22,6 @@ from pathlib import Path
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing", category=FutureWarning)
 
-import torch
 
 from alpaca_sft.eval.prompts import PromptFileError, read_prompt_files
 from alpaca_sft.eval.report import side_by_side, summary_table, write_report

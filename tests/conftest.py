@@ -24,6 +24,24 @@ THREE = [
 ]
 
 
+def _cpu_runs_rowwise_fp8_gemms() -> bool:
+    """torch 2.13's CPU _scaled_mm takes one scale per row, as the FP8 base's GEMMs give it; older ones (the GPU
+    image's torch 2.11) take one per tensor only, so there the FP8 base's math is judged on the GPU alone."""
+    import torch
+
+    try:
+        q, scale = torch.zeros(16, 16).to(torch.float8_e4m3fn), torch.ones(16, 1)
+        torch._scaled_mm(q, q.t(), scale_a=scale, scale_b=scale.t(), out_dtype=torch.bfloat16)
+    except (RuntimeError, TypeError, AttributeError):
+        return False
+    return True
+
+
+# For the tests that run the FP8 base's GEMMs emulated on the CPU.
+needs_cpu_fp8 = pytest.mark.skipif(not _cpu_runs_rowwise_fp8_gemms(),
+                                   reason="this torch's CPU _scaled_mm has no row-wise scales (torch 2.13's has)")
+
+
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, write_jsonl
+from conftest import REPO, needs_cpu_fp8, write_jsonl
 from hub_server import HubServer
 
 import eval_compare
@@ -283,6 +283,7 @@ def test_qlora_adapter_is_merged_in_full_precision_and_its_gap_reported(tiny_mod
     assert not getattr(merged.config, "quantization_config", None)  # plain weights, not 4-bit
 
 
+@needs_cpu_fp8
 def test_fp8_trained_adapter_is_merged_in_full_precision_and_its_gap_reported(tiny_model_dir, adapter_dir, prompt_file,
                                                                               tmp_path, capsys):
     # Training on an FP8 base needs a Hopper GPU; the gap is measured wherever torch runs FP8 GEMMs, the

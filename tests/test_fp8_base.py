@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from conftest import needs_cpu_fp8
+from torch import nn
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
@@ -48,6 +50,22 @@ def test_gpu_row_quantizer_gives_the_reference_bytes(columns):
     assert torch.equal(q_t.view(torch.uint8), quantize_rows(x.t()[:, :512])[0].view(torch.uint8))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FP8 GEMMs at speed run on Hopper GPUs; run on the device")
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpu_fp8_layer_with_and_without_a_bias_matches_a_dequantized_reference(bias):
+    # Gemma-3-270m's q_proj shape (640 -> 4 heads x 256), with a frozen bias as Qwen2's q/k/v have; on the GPU the
+    # row quantizer and the scaled GEMM are the Triton and cuBLAS kernels training runs
+    torch.manual_seed(0)
+    linear = nn.Linear(640, 1024, bias=bias, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    layer = Fp8FrozenLinear(linear)
+    x = torch.randn(300, 640, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    reference = x.detach().float() @ layer.dequantized_weight().t() + (linear.bias.float() if bias else 0)
+    out = layer(x)
+    assert ((out.float() - reference).norm() / reference.norm()).item() < 0.05
+    out.float().square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on GPUs; run on the device")
 @pytest.mark.parametrize("rows,columns,rank", [(12250, 4096, 16), (1000, 14336, 16), (77, 1024, 64)])
 def test_gpu_low_rank_add_is_one_rounding_of_the_exact_sum(rows, columns, rank):
@@ -72,6 +90,7 @@ def layer_and_inputs():
     return Fp8FrozenLinear(linear), x, lora_a, lora_b
 
 
+@needs_cpu_fp8
 def test_fp8_layer_and_its_gradients_match_a_dequantized_matmul_reference(layer_and_inputs):
     base, x, lora_a, lora_b = layer_and_inputs
     scale = 2.0
@@ -104,6 +123,7 @@ def test_fp8_layer_and_its_gradients_match_a_dequantized_matmul_reference(layer_
     assert (w_forward - weight).norm() / weight.norm() < 0.05 and not torch.equal(w_forward, w_backward.t())
 
 
+@needs_cpu_fp8
 def test_fp8_layer_alone_is_the_frozen_base(layer_and_inputs):
     base, x, _, _ = layer_and_inputs
     out = base(x)
@@ -138,6 +158,7 @@ def loss_and_lora_grads(model, input_ids):
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@needs_cpu_fp8
 def test_fp8_base_trains_like_the_bf16_base_and_frees_its_weights():
     batch = torch.randint(0, 32000, (2, 32), generator=torch.Generator().manual_seed(1))
     bf16 = adapted()
@@ -160,6 +181,7 @@ def test_fp8_base_trains_like_the_bf16_base_and_frees_its_weights():
                for n in grads_bf16)
 
 
+@needs_cpu_fp8
 def test_q_k_v_and_gate_up_quantize_their_shared_input_once(tiny_model_dir, monkeypatch):
     model = adapted(tiny_model_dir)
     fuse_lora(model)
@@ -173,6 +195,7 @@ def test_q_k_v_and_gate_up_quantize_their_shared_input_once(tiny_model_dir, monk
     assert len(calls) == 2 * 4 and calls.count((5, 64)) == 2 * 3 and calls.count((5, 128)) == 2
 
 
+@needs_cpu_fp8
 def test_peft_forward_on_an_fp8_base_equals_the_fused_one():
     fused = adapted()
     quantize_frozen_base(fused)
@@ -186,6 +209,7 @@ def test_peft_forward_on_an_fp8_base_equals_the_fused_one():
 
 
 @pytest.mark.slow
+@needs_cpu_fp8
 def test_fp8_recipe_path_trains_validates_and_saves_with_fp8_emulated_on_the_cpu(tiny_model_dir, tmp_path, monkeypatch):
     # Training on an FP8 base is refused without a Hopper GPU (test_cli). With that one check lifted, the
     # CPU emulates the FP8 GEMMs and train_sft.py's whole path runs: the base quantized after the Trainer

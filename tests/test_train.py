@@ -118,7 +118,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir
 
 
 def test_output_dir_holding_a_run_is_refused(tiny_model_dir, tmp_path, capsys):
-    import train_sft
 
     out = tmp_path / "run"
     train(tiny_model_dir, out, "--max_steps", 1)
