@@ -137,3 +137,27 @@ def test_fused_lora_under_gradient_checkpointing_matches_it_without(tiny_model_d
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
     torch.testing.assert_close(input_grad, input_grad_ref, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_fused_lora_on_a_bf16_base_needs_no_bitsandbytes(tiny_model_dir):
+    # PEFT's bnb module imports bitsandbytes, which only a 4-bit base needs: a process without it still fuses
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = f"""
+import sys
+sys.modules["bitsandbytes"] = None  # an import of it fails, as where it is not installed
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+from alpaca_sft.kernels.fused_lora import fuse_lora
+model = get_peft_model(AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}), LoraConfig(target_modules="all-linear"))
+print(fuse_lora(model), model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["14", "32000"]
