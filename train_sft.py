@@ -34,10 +34,10 @@ from alpaca_sft.data.dataset import build_training_data, preview
 from alpaca_sft.data.records import DataError
 from alpaca_sft.models.tokenizer import TokenizerError, load_tokenizer
 from alpaca_sft.train.checkpoints import CheckpointSeal, resume_problems, run_shape
-from alpaca_sft.train.checks import check_settings
+from alpaca_sft.train.checks import apply_pipeline_settings, check_settings
 from alpaca_sft.train.output_dir import claim
 from alpaca_sft.train.run import Outcome, build_trainer, train
-from alpaca_sft.train.settings import ScriptArguments, SettingsError, apply_pipeline_settings, parse_settings
+from alpaca_sft.train.settings import ScriptArguments, SettingsError, parse_settings
 
 
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> Outcome | None:

@@ -1,3 +1,4 @@
-"""Instruction-tuning Mistral-7B on Alpaca with TRL + PEFT, in the pipeline's stages:
-data (records in, supervised token rows out), train (settings, model, the run and its record),
-eval (prompts, generation, scores, report) and release (pairing, merge, card, push)."""
+"""Instruction-tuning a causal-LM base (Mistral-7B, Gemma-3-270m, ...) on Alpaca with TRL + PEFT, in the
+pipeline's stages: data (records in, supervised token rows out), models (sources, loading, tokenizer,
+generation, GGUF), kernels (the fast paths), train (settings, checks, the run, its checkpoints and record),
+eval (prompts, scores, report) and release (pairing, merge, card, push)."""

@@ -38,7 +38,8 @@ def first_step(args) -> dict:
     from alpaca_sft.data.dataset import build_dataset
     from alpaca_sft.models.tokenizer import load_tokenizer
     from alpaca_sft.train.run import build_trainer
-    from alpaca_sft.train.settings import apply_pipeline_settings, cpu_overrides, parse_settings
+    from alpaca_sft.train.checks import apply_pipeline_settings
+    from alpaca_sft.train.settings import cpu_overrides, parse_settings
 
     def settings(*flags):
         parsed = parse_settings(

@@ -35,7 +35,8 @@ def packing(args) -> dict:
     from alpaca_sft.data.dataset import build_training_data
     from alpaca_sft.models.tokenizer import load_tokenizer
     from alpaca_sft.train.run import build_trainer
-    from alpaca_sft.train.settings import apply_pipeline_settings, parse_settings
+    from alpaca_sft.train.checks import apply_pipeline_settings
+    from alpaca_sft.train.settings import parse_settings
 
     results = {}
     for name, flags in (("packed", ["--packing", "true"]), ("one_per_row", ["--packing", "false", "--padding_free", "false"])):

@@ -57,7 +57,7 @@ def test_validation_settings_that_cannot_work_are_refused_before_loading(flags, 
 
 
 def test_validation_size_0_alone_turns_validation_off(tmp_path):
-    from alpaca_sft.train.settings import apply_pipeline_settings
+    from alpaca_sft.train.checks import apply_pipeline_settings
 
     script_args, training_args, _ = parse("--output_dir", tmp_path / "run", "--validation_size", 0)
     assert training_args.eval_strategy != "no" and training_args.eval_on_start and script_args.samples_at_end  # the recipe's
@@ -72,7 +72,7 @@ def validating_trainer(model_dir, adapter, data_file, tmp_path, *flags):
 
     from alpaca_sft.models.tokenizer import load_tokenizer
     from alpaca_sft.train.run import build_trainer
-    from alpaca_sft.train.settings import apply_pipeline_settings
+    from alpaca_sft.train.checks import apply_pipeline_settings
 
     script_args, training_args, model_args = parse("--model_name_or_path", model_dir, "--output_dir", tmp_path / "eval",
                                                     "--dataset_name", data_file, "--report_to", "none", *NO_VALIDATION, *flags)

@@ -1,1 +1,1 @@
-"""Prompts, greedy generation, scores and the comparison report."""
+"""Prompts, scores and the comparison report (the generation itself is models/generation.py)."""

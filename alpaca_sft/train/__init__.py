@@ -1,1 +1,2 @@
-"""Settings, the model, the run with its stops and its record."""
+"""The training run: settings and their checks, the output folder and its checkpoints, the trainer with its
+callbacks and validation, and the run's record."""

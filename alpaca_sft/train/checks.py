@@ -1,15 +1,17 @@
 """Every setting that can be checked without weights, at once, before any weights load: one SettingsError
 listing each problem and its fix. Each check below returns the problems of one concern; none changes
-anything."""
+anything. Then apply_pipeline_settings: what the pipeline sets on top of any recipe, once the checks pass."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.trainer_utils import IntervalStrategy
 
 from ..data.records import LOCAL_SUFFIXES, dataset_problem
 from ..kernels.attention import DOCUMENT_FLEX
@@ -18,7 +20,7 @@ from ..launch import fsdp_enabled, launched_processes
 from ..models.sources import model_problem
 from .checkpoints import resume_target
 from .run_record import holds_a_run
-from .settings import SettingsError, settings_error
+from .settings import ScriptArguments, SettingsError, settings_error
 
 
 def check_settings(script_args, training_args, model_args) -> list[str]:
@@ -210,3 +212,23 @@ def _output_problems(script_args, training_args, resume) -> list[str]:
         return [f"output_dir={output_dir} already holds a run: pass --resume_from_checkpoint true to continue it, "
                 "--overwrite_output_dir true to replace it, or another --output_dir"]
     return []
+
+
+def apply_pipeline_settings(script_args: ScriptArguments, training_args) -> None:
+    """What this pipeline sets on top of any recipe, once the settings are checked."""
+    training_args.resume_from_checkpoint = resume_target(training_args)
+    if not script_args.validates:  # validation_size: 0 alone turns validation off
+        training_args.eval_strategy, training_args.eval_on_start, script_args.samples_at_end = IntervalStrategy.NO, False, 0
+    if training_args.hub_token:  # kept out of every saved config and log; huggingface_hub reads HF_TOKEN
+        os.environ["HF_TOKEN"], training_args.hub_token = training_args.hub_token, None
+    training_args.logging_nan_inf_filter = False  # a NaN loss must show, not be averaged away
+    # The Trainer's own token counter is what a checkpoint keeps: the run's record spans a resume.
+    if training_args.include_num_input_tokens_seen in ("no", False):
+        training_args.include_num_input_tokens_seen = True  # all tokens: packed rows are padding-free
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # nothing to pin for: it would only warn
+    if training_args.torch_compile:
+        # Compile one decoder layer and reuse it for all 32 (accelerate's regional compilation), for
+        # packed batches whose length changes every step (dynamic shapes): ~1 min, not ~32 or one per step.
+        os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
+        os.environ.setdefault("ACCELERATE_DYNAMO_USE_DYNAMIC", "true")

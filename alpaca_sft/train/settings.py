@@ -1,5 +1,4 @@
-"""The project's own settings, parsed by TrlParser beside TRL's SFTConfig and ModelConfig, and what the
-pipeline sets on top of a recipe once the settings are checked (train/checks.py).
+"""The project's own settings, parsed by TrlParser beside TRL's SFTConfig and ModelConfig.
 
 Choices are declared as Literal types, so that argparse itself refuses a value outside them; ranges of
 the project's own fields are checked in ScriptArguments.__post_init__; everything that needs the
@@ -7,7 +6,6 @@ library's fields, the files or the machine is in train/checks.py."""
 
 from __future__ import annotations
 
-import os
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Literal
@@ -156,27 +154,3 @@ def parse_settings(argv: list[str] | None = None):
             raise SettingsError("the recipe trains in bf16 on a GPU, and this machine has none: to train on the CPU "
                                 f"(slowly), add {' '.join(CPU_OVERRIDES)} (FP8 and 4-bit bases need a GPU)") from None
         raise SettingsError(str(err)) from None
-
-
-def apply_pipeline_settings(script_args: ScriptArguments, training_args) -> None:
-    """What this pipeline sets on top of any recipe, once the settings are checked."""
-    from transformers.trainer_utils import IntervalStrategy
-
-    from .checkpoints import resume_target
-
-    training_args.resume_from_checkpoint = resume_target(training_args)
-    if not script_args.validates:  # validation_size: 0 alone turns validation off
-        training_args.eval_strategy, training_args.eval_on_start, script_args.samples_at_end = IntervalStrategy.NO, False, 0
-    if training_args.hub_token:  # kept out of every saved config and log; huggingface_hub reads HF_TOKEN
-        os.environ["HF_TOKEN"], training_args.hub_token = training_args.hub_token, None
-    training_args.logging_nan_inf_filter = False  # a NaN loss must show, not be averaged away
-    # The Trainer's own token counter is what a checkpoint keeps: the run's record spans a resume.
-    if training_args.include_num_input_tokens_seen in ("no", False):
-        training_args.include_num_input_tokens_seen = True  # all tokens: packed rows are padding-free
-    if not torch.cuda.is_available():
-        training_args.dataloader_pin_memory = False  # nothing to pin for: it would only warn
-    if training_args.torch_compile:
-        # Compile one decoder layer and reuse it for all 32 (accelerate's regional compilation), for
-        # packed batches whose length changes every step (dynamic shapes): ~1 min, not ~32 or one per step.
-        os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
-        os.environ.setdefault("ACCELERATE_DYNAMO_USE_DYNAMIC", "true")
