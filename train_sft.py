@@ -33,7 +33,7 @@ from trl import ModelConfig, SFTConfig
 from alpaca_sft.data.dataset import build_training_data, preview
 from alpaca_sft.data.records import DataError
 from alpaca_sft.models.tokenizer import TokenizerError, load_tokenizer
-from alpaca_sft.train.checkpoints import CheckpointSeal, resume_problems, run_shape
+from alpaca_sft.train.checkpoints import CheckpointSeal, check_resume, run_shape
 from alpaca_sft.train.checks import apply_pipeline_settings, check_settings
 from alpaca_sft.train.output_dir import claim
 from alpaca_sft.train.run import Outcome, build_trainer, train
@@ -47,8 +47,15 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         if state.is_main_process:
             print(f"warning: {warning}", file=sys.stderr)
     apply_pipeline_settings(script_args, training_args)
-    claim(script_args, training_args, state.is_main_process)  # this run's folder: locked, clean or resumable
+    lock = claim(script_args, training_args, state.is_main_process)  # this run's folder: locked, clean or resumable
+    try:
+        return run(script_args, training_args, model_args, state, started)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def run(script_args, training_args, model_args, state, started: float) -> Outcome | None:
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
     with state.main_process_first():  # a Hub dataset is downloaded once
         dataset, validation, report = build_training_data(script_args, tokenizer, training_args.max_length,
@@ -62,13 +69,9 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         return None
 
     shape = run_shape(script_args, training_args, model_args, state.num_processes, report.fingerprint)
-    if training_args.resume_from_checkpoint and (changed := resume_problems(training_args.resume_from_checkpoint, shape)):
-        if not script_args.allow_changed_settings:
-            raise SettingsError(
-                f"resume_from_checkpoint={training_args.resume_from_checkpoint} would not continue the run it checkpointed:\n"
-                + "\n".join(f"  - {c}" for c in changed) + "\nUndo the change, start a new run in another --output_dir, or "
-                "pass --allow_changed_settings true to resume anyway (run_summary.json then records the changes)")
-        report.resumed_with_changes = changed
+    if training_args.resume_from_checkpoint:
+        report.resumed_with_changes = check_resume(training_args.resume_from_checkpoint, shape,
+                                                   script_args.allow_changed_settings) or None
     trainer = build_trainer(script_args, training_args, model_args, tokenizer, dataset, validation, CheckpointSeal(shape))
     outcome = train(trainer, script_args, model_args, report, started, validation)
     if state.is_main_process and outcome.completed:

@@ -141,6 +141,25 @@ def test_one_run_per_output_dir_and_a_dead_holder_is_taken_over(tiny_model_dir, 
     assert code == 0 and "its last run (pid 999999 on elsewhere, started 2026-12-01 10:00:00) is gone" in said
 
 
+def test_a_running_run_holds_its_folder_until_it_ends(tiny_model_dir, tmp_path, monkeypatch):
+    from alpaca_sft.train.settings import SettingsError
+
+    out, refused = tmp_path / "run", []
+    step_end = GracefulStop.on_step_end
+
+    def second_run_tries_the_folder(self, args, state, control, **kwargs):
+        try:
+            OutputDirLock(out).acquire().release()
+        except SettingsError as err:
+            refused.append(str(err))
+        return step_end(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(GracefulStop, "on_step_end", second_run_tries_the_folder)
+    assert train(tiny_model_dir, out, "--max_steps", 2).completed
+    assert len(refused) == 2 and "is in use by another run" in refused[0]
+    OutputDirLock(out).acquire().release()  # and free once it ended
+
+
 def test_overwrite_starts_clean_and_a_later_resume_continues_the_new_run(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(tiny_model_dir, out, *STEPS).completed

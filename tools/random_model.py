@@ -41,36 +41,6 @@ TOKENIZER_CONFIG = {
 }
 
 
-def _tokenizer_json(model_file: Path):
-    """The fast-tokenizer file that Mistral-7B-v0.1 publishes beside tokenizer.model, rebuilt from
-    it: byte-fallback BPE with sentencepiece's merges, "▁" for spaces, BOS prepended. Without it,
-    transformers v5 converts tokenizer.model itself, differently across versions (5.17 drops the
-    prefix space; 5.24 splits doubled spaces unlike sentencepiece)."""
-    import sentencepiece
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    scored = []
-    for i in range(sp.get_piece_size()):
-        if sp.is_unknown(i) or sp.is_control(i) or sp.is_byte(i):
-            continue
-        piece = sp.id_to_piece(i)
-        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
-        scored += [(*pair, sp.get_score(i)) for pair in sorted(splits, key=lambda m: (vocab[m[0]], vocab[m[1]]))]
-    merges = [(left, right) for left, right, _ in sorted(scored, key=lambda m: m[2], reverse=True)]
-    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    return tokenizer
-
-
 def _mistral_tokenizer_model():
     try:
         return importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
@@ -79,12 +49,18 @@ def _mistral_tokenizer_model():
 
 
 def write_mistral_tokenizer(folder: Path) -> Path:
-    """tokenizer.model, tokenizer.json and tokenizer_config.json, laid out as in the Hub repo."""
+    """tokenizer.model, tokenizer.json and tokenizer_config.json, laid out as in the Hub repo. The tokenizer.json
+    Mistral-7B-v0.1 publishes beside tokenizer.model is rebuilt from it (byte-fallback BPE with sentencepiece's
+    merges, "▁" for spaces, BOS prepended: alpaca_sft/models/spm.py); without it, transformers v5 converts
+    tokenizer.model itself, differently across versions (5.17 drops the prefix space; 5.24 splits doubled spaces
+    unlike sentencepiece)."""
+    from alpaca_sft.models.spm import build_tokenizer
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with importlib.resources.as_file(_mistral_tokenizer_model()) as model_file:
         shutil.copyfile(model_file, folder / "tokenizer.model")
-    _tokenizer_json(folder / "tokenizer.model").save(str(folder / "tokenizer.json"))
+    build_tokenizer(mistral_vocabulary(), bos_id=1, unk_id=0).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
     return folder
 

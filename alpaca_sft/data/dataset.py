@@ -130,13 +130,14 @@ def build_dataset(
     if not kept:
         raise DataError(f"no trainable examples left in {source}: {report.summary()}")
     report.rows_kept = len(kept)
-    _count_tokens(report, kept)
+    _count_tokens(report, [r["labels"] for r in kept])
     return Dataset.from_list(kept), report
 
 
-def _count_tokens(report: DataReport, rows: list[dict]) -> None:
-    lengths = [len(r["input_ids"]) for r in rows]
-    report.trained_tokens = sum(sum(1 for label in r["labels"] if label != IGNORE_INDEX) for r in rows)
+def _count_tokens(report: DataReport, labels: list[list[int]]) -> None:
+    """The report's token counts over every example trained on (each example's labels: one per token)."""
+    lengths = [len(example) for example in labels]
+    report.trained_tokens = sum(sum(1 for label in example if label != IGNORE_INDEX) for example in labels)
     report.prompt_tokens = sum(lengths) - report.trained_tokens
     report.tokens_per_example = {"mean": statistics.fmean(lengths), "median": statistics.median(lengths), "max": max(lengths)}
 
@@ -149,14 +150,14 @@ def mix_in(dataset, report: DataReport, mix, mix_report: DataReport, share: floa
 
     wanted = round(share / (1 - share) * len(dataset))
     rng = random.Random(seed)
-    drawn = sorted(rng.sample(range(len(mix)), min(wanted, len(mix))))
-    mixed = concatenate_datasets([dataset, mix.select(drawn)])
+    drawn = mix.select(sorted(rng.sample(range(len(mix)), min(wanted, len(mix)))))
+    mixed = concatenate_datasets([dataset, drawn])
     mixed = mixed.select(rng.sample(range(len(mixed)), len(mixed)))
-    mix_tokens = sum(len(ids) for ids in mix.select(drawn)["input_ids"])
+    mix_tokens = sum(len(ids) for ids in drawn["input_ids"])
     report.mix = {"source": mix_report.source, "rows_read": mix_report.rows_read, "examples_available": len(mix),
                   "examples": len(drawn), "share_asked": share, "share": len(drawn) / len(mixed),
                   "dropped": mix_report.dropped, "total_tokens": mix_tokens, "seed": seed}
-    _count_tokens(report, list(mixed))
+    _count_tokens(report, mixed["labels"])
     return mixed, report
 
 

@@ -137,6 +137,18 @@ def resume_problems(checkpoint: str | Path, shape: dict) -> list[str]:
     return problems
 
 
+def check_resume(checkpoint: str | Path, shape: dict, allow_changes: bool) -> list[str]:
+    """Before weights load: a SettingsError naming how resuming `checkpoint` would not continue the run it
+    checkpointed, unless allow_changes; returns the changes allowed (empty for the same run)."""
+    changed = resume_problems(checkpoint, shape)
+    if changed and not allow_changes:
+        raise SettingsError(
+            f"resume_from_checkpoint={checkpoint} would not continue the run it checkpointed:\n"
+            + "\n".join(f"  - {c}" for c in changed) + "\nUndo the change, start a new run in another --output_dir, or "
+            "pass --allow_changed_settings true to resume anyway (run_summary.json then records the changes)")
+    return changed
+
+
 def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "w") as file:

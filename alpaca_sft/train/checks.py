@@ -99,7 +99,6 @@ def _training_problems(training_args) -> list[str]:
     if training_args.save_strategy == "steps" and training_args.save_steps <= 0:
         problems.append(f"save_steps={training_args.save_steps:g} with save_strategy 'steps': no checkpoint would ever be "
                         "written; give a number of steps, or save_strategy: 'no'")
-
     if training_args.use_liger_kernel and _missing("liger_kernel"):
         problems.append("use_liger_kernel needs liger-kernel: pip install liger-kernel (or set it false)")
     return problems

@@ -107,8 +107,6 @@ def train(trainer, script_args, model_args, data_report, started: float, validat
             raise
         broken = _interrupted(output_dir, f"{err.strerror} while writing", 1, err)
     if broken is not None:  # the Trainer's state is mid-step or mid-save: nothing more is written from it
-        if main:
-            print(("error: " if broken.exit_code == 1 else "") + broken.message, flush=True)
         broken.trainer = trainer
         return broken
 
