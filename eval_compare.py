@@ -45,7 +45,7 @@ def parse_args(argv=None):
                         help="JSONL files: instruction/input, question/context/answer or prompt, optional reference and schema")
     parser.add_argument("--output_dir", default=None, help="default: <tuned>-comparison")
     parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=64,
+    parser.add_argument("--batch_size", type=int, default=128,
                         help="prompts generated at once, in batches of similar length (bench/RESULTS.md: prompts per second)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--allow_other_base", action="store_true", help="merge an adapter into a base it was not trained on")
