@@ -233,7 +233,8 @@ def test_fused_lora_matches_peft_in_fp32(model_dir, vocab_size):
     assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 2 * ADAPTED_PER_LAYER  # A and B of every layer
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
-    torch.testing.assert_close(input_grad, input_grad_ref, rtol=1e-4, atol=1e-7)
+    # q/k/v and gate/up as one group sum their input gradients in another order than autograd: fp32 rounding apart
+    torch.testing.assert_close(input_grad, input_grad_ref, rtol=1e-4, atol=1e-6)
 
 
 # --- 5. the FP8 base ----------------------------------------------------------------------------------

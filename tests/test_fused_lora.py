@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from peft.helpers import disable_input_dtype_casting
 from transformers import AutoModelForCausalLM
 
-from alpaca_sft.kernels.fused_lora import fuse_lora
+from alpaca_sft.kernels.fused_lora import fuse_lora, shared_input_groups
 
 
 def adapted(model_dir, dtype=torch.float32, **lora):
@@ -50,6 +50,42 @@ def test_fused_lora_matches_peft_in_fp32(tiny_model_dir, batch):
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
     torch.testing.assert_close(input_grad, input_grad_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_sibling_layers_share_their_input_and_match_each_layer_alone(tiny_model_dir, batch):
+    # q/k/v and gate/up as groups: one rank-r GEMM for the A's, one input gradient. The same loss and
+    # gradients as every layer on its own (fp32: equal to rounding), and as PEFT (the test above).
+    alone = adapted(tiny_model_dir)
+    grouped = copy.deepcopy(alone)
+    fuse_lora(alone, share_inputs=False)
+    fuse_lora(grouped)
+    assert shared_input_groups(alone) == 0 and shared_input_groups(grouped) == 2 * 2  # per layer: q/k/v, gate/up
+
+    loss_ref, grads_ref, input_grad_ref = loss_and_grads(alone, batch)
+    loss, grads, input_grad = loss_and_grads(grouped, batch)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    for name in grads:  # sums in another order: fp32 rounding apart
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(input_grad, input_grad_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sibling_called_on_another_input_computes_its_own(tiny_model_dir):
+    # The leader (q) leaves k's and v's outputs for their own calls on the same tensor: a call on any other
+    # input, or on that tensor changed in place since, must not get them.
+    reference = adapted(tiny_model_dir)
+    grouped = copy.deepcopy(reference)
+    fuse_lora(grouped)
+    attention = grouped.base_model.model.model.layers[0].self_attn
+    expected = reference.base_model.model.model.layers[0].self_attn
+    x, y = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2)).unbind(0)
+    with torch.no_grad():
+        attention.q_proj(x)
+        torch.testing.assert_close(attention.k_proj(y), expected.k_proj(y))  # another input
+        torch.testing.assert_close(attention.v_proj(x), expected.v_proj(x))  # the leader's: handed over
+        attention.q_proj(x)
+        x.mul_(2)  # same tensor, new values
+        torch.testing.assert_close(attention.k_proj(x), expected.k_proj(x))
+        torch.testing.assert_close(attention.k_proj(x), expected.k_proj(x))  # nothing left over from the leader
 
 
 def test_fused_lora_in_bf16_is_as_close_to_fp32_as_peft(tiny_model_dir, batch):
