@@ -15,6 +15,8 @@ lever from the recipe:
   checkpointing   gradient checkpointing on: activations recomputed in backward
   bf16-adapters   LoRA weights stored in bf16
   no-adapters     the frozen base alone, input gradients still computed: the floor under LoRA
+  unshared        fused LoRA with every layer alone: q/k/v and gate/up not run as groups that share their input
+  fast-input-grad (an FP8 recipe) fast accumulation in the input-gradient FP8 GEMM too, not only the forward's
 
 The headline speeds come from bench/speed.py (whole training runs); this script explains them.
 On a GPU it then profiles one recipe micro-batch and splits its GPU time into base-weight GEMMs
@@ -36,12 +38,14 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 
 from alpaca_sft.data.dataset import build_dataset
+from alpaca_sft.kernels import fp8_base
+from alpaca_sft.kernels.fused_lora import fuse_lora
 from alpaca_sft.models.tokenizer import load_tokenizer
 from alpaca_sft.train.run import build_trainer as build_training_trainer
 from alpaca_sft.train.settings import cpu_overrides, parse_settings
 from speed import linear_weights, matmul_tflops  # bench/speed.py, beside this script
 
-VARIANTS = ("recipe", "peft-upcast", "rows-4", "checkpointing", "bf16-adapters", "no-adapters")
+VARIANTS = ("recipe", "peft-upcast", "rows-4", "checkpointing", "bf16-adapters", "no-adapters", "unshared", "fast-input-grad")
 GPU = torch.cuda.is_available()
 
 
@@ -101,6 +105,16 @@ def lever(name: str, model, autocast: bool):
         with model.disable_adapter():
             yield
         model.disable_input_require_grads()
+    elif name == "fast-input-grad":
+        kept, fp8_base.FAST_ACCUMULATION_INPUT_GRAD = fp8_base.FAST_ACCUMULATION_INPUT_GRAD, True
+        with disable_input_dtype_casting(model, active=autocast):
+            yield
+        fp8_base.FAST_ACCUMULATION_INPUT_GRAD = kept
+    elif name == "unshared":
+        fuse_lora(model, share_inputs=False)
+        with disable_input_dtype_casting(model, active=autocast):
+            yield
+        fuse_lora(model)
     else:  # recipe, rows-N: as train_sft.py trains
         with disable_input_dtype_casting(model, active=autocast):
             yield

@@ -10,6 +10,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 import speed  # noqa: E402
+import step_gaps  # noqa: E402
 import workload  # noqa: E402
 
 
@@ -47,13 +48,14 @@ def test_step_breakdown_times_each_lever_on_the_same_micro_batches(tiny_model_di
     subprocess.run(
         [sys.executable, "bench/step_breakdown.py", "--model", str(tiny_model_dir), "--data", "data/alpaca_sample.jsonl",
          "--config", "recipes/tiny-cpu.yaml", "--rows", "24", "--steps", "1", "--out", str(out),
-         "--variants", "recipe", "rows-4", "bf16-adapters", "no-adapters"],
+         "--variants", "recipe", "rows-4", "bf16-adapters", "no-adapters", "unshared"],
         cwd=REPO, check=True, capture_output=True,
     )
     variants = json.loads(out.read_text())["variants"]
-    assert list(variants) == ["recipe", "rows-4", "bf16-adapters", "no-adapters"]
+    assert list(variants) == ["recipe", "rows-4", "bf16-adapters", "no-adapters", "unshared"]
     assert variants["recipe"]["rows"] == 2 and variants["rows-4"]["rows"] == 4  # tiny-cpu.yaml packs 2 rows per step
-    assert variants["bf16-adapters"]["tokens"] == variants["no-adapters"]["tokens"] == variants["recipe"]["tokens"]
+    assert (variants["bf16-adapters"]["tokens"] == variants["no-adapters"]["tokens"] == variants["unshared"]["tokens"]
+            == variants["recipe"]["tokens"])
     assert variants["rows-4"]["tokens"] > variants["recipe"]["tokens"] > 0
     assert all(v["tokens_per_second"] > 0 for v in variants.values())
 
@@ -70,3 +72,22 @@ def test_attention_kernels_times_the_workloads_own_packed_micro_batches(tokenize
     for documents in batches:  # 6 packed rows of at most 2,048 tokens, each document one whole example
         assert 5 * 2048 < sum(documents) <= 6 * 2048
         assert set(documents) <= lengths
+
+
+def test_step_gaps_charges_each_idle_stretch_to_the_host_work_beside_it():
+    def event(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    trace = {"traceEvents": [
+        event("kernel", "gemm", 0, 1000), event("kernel", "gemm", 500, 1000),  # overlapping: busy 0-1500 us
+        event("user_annotation", "Optimizer.step#AdamW.step", 1400, 700), event("cpu_op", "aten::add", 1450, 20),
+        event("kernel", "adam", 2000, 100),  # 0.5 ms idle: the optimizer's annotation overlaps it most
+        event("cpu_op", "aten::item", 2050, 1500), event("cuda_runtime", "cudaStreamSynchronize", 2100, 1400),
+        event("kernel", "gemm", 3600, 400),  # 1.5 ms idle: no annotation, the outermost operator is the .item()
+        event("gpu_memcpy", "Memcpy HtoD", 4010, 5),  # 0.01 ms: under --gap_ms, not charged
+    ]}
+    result = step_gaps.gaps(trace, min_gap_ms=0.1)
+    assert result["gpu_span_ms"] == 4.015 and abs(result["gpu_busy_ms"] - 2.005) < 1e-9
+    assert abs(result["gpu_idle_ms"] - 2.01) < 1e-9 and abs(result["idle_in_gaps_of_0.1_ms_or_more"] - 2.0) < 1e-9
+    assert [(g["host_work"], g["gaps"]) for g in result["gaps_by_host_work"]] == [
+        ("aten::item", 1), ("Optimizer.step#AdamW.step", 1)]
