@@ -7,7 +7,8 @@
 work=${WORK:-/tmp/smoke}
 if [ ! -f "$work/mistral-7b/config.json" ] || [ ! -f "$work/alpaca.jsonl" ]; then
   mkdir -p "$work"
-  python -c "import glob, zipfile; zipfile.ZipFile(glob.glob('.whl/mistral_common-*.whl')[0]).extract('mistral_common/data/tokenizer.model.v1', '/tmp/mc')"
+  [ -f /tmp/mc/mistral_common/data/tokenizer.model.v1 ] || python -c "import glob, zipfile; \
+zipfile.ZipFile(glob.glob('.whl*/mistral_common-*.whl')[0]).extract('mistral_common/data/tokenizer.model.v1', '/tmp/mc')"
   PYTHONPATH=/tmp/mc:${PYTHONPATH:-} python tools/random_model.py "$work/tok" --tokenizer_only
   python bench/workload.py "$work/alpaca.jsonl" --model "$work/tok" > /dev/null &
   PYTHONPATH=/tmp/mc:${PYTHONPATH:-} python tools/random_model.py "$work/mistral-7b" --size 7b > /dev/null

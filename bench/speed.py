@@ -13,6 +13,7 @@ against a bf16 8192^3 matmul measured on the same GPU.
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -48,6 +49,10 @@ CONFIGS = {  # name: (recipe, flags on top of it); "trl-*" are bench/trl_peers.p
     "lora-compiled": ("recipes/mistral-7b-lora.yaml", ["--use_liger_kernel", "false", "--torch_compile", "true"]),
     "trl-defaults": ("defaults", []),
     "trl-tuned": ("tuned", []),
+    # the tuned peer with FlashAttention-4 (installed: bench/speed_inputs.sh) and Liger's RoPE kept on Triton
+    "trl-tuned-fa4": ("tuned", ["--attention", "flash_attention_4"]),
+    # Unsloth's own LoRA path (bench/unsloth_peer.py), its packages alone on the path (bench/unsloth_inputs.sh)
+    "unsloth": ("unsloth", []),
     "qlora-recipe": ("recipes/mistral-7b-qlora.yaml", []),
     "qlora-peft-forward": ("recipes/mistral-7b-qlora.yaml", ["--fused_lora", "false"]),
     "qlora-24gb-recipe": ("recipes/mistral-7b-qlora-24gb.yaml", []),
@@ -78,12 +83,19 @@ def linear_weights(model_dir: str) -> int:
     return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v
 
 
+UNSLOTH_SITE = "/tmp/unsloth-site"  # where bench/unsloth_inputs.sh's parts go on the GPU machine
+
+
 def run_config(name, recipe, flags, args, work: Path) -> dict:
-    peer = recipe in ("defaults", "tuned")
+    peer = recipe in ("defaults", "tuned", "unsloth")
+    env = None
     if peer:
         steps = args.baseline_steps if recipe == "defaults" else args.steps * 3  # 4 rows per step, not 18
-        command = [sys.executable, "bench/trl_peers.py", "--peer", recipe, "--model", args.model, "--data", args.data,
-                   "--steps", str(steps), "--rows", str(args.rows or 2000), "--out", str(work / f"{name}.json")]
+        script = ["bench/unsloth_peer.py"] if recipe == "unsloth" else ["bench/trl_peers.py", "--peer", recipe]
+        command = [sys.executable, *script, "--model", args.model, "--data", args.data,
+                   "--steps", str(steps), "--rows", str(args.rows or 2000), "--out", str(work / f"{name}.json"), *flags]
+        if recipe == "unsloth":  # its pins (trl<=1.15, datasets<5) are not the project's: its own packages alone
+            env = {**os.environ, "PYTHONPATH": f"{UNSLOTH_SITE}:{Path.cwd()}"}
     else:
         cpu = cpu_overrides()
         rows = ["--max_train_rows", str(args.rows)] if args.rows else []
@@ -94,12 +106,12 @@ def run_config(name, recipe, flags, args, work: Path) -> dict:
     log = work / f"{name}.log"  # written as the run goes, so that a run cut off by the timeout keeps its log
     try:
         with log.open("w") as out:
-            result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=args.timeout)
+            result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"status": f"timed out after {args.timeout} s"}
     if result.returncode != 0:
         return {"status": f"failed: {log.read_text().strip().splitlines()[-1][:120]}"}
-    if recipe in ("defaults", "tuned"):
+    if peer:
         return json.loads((work / f"{name}.json").read_text())
     summary = json.loads((work / name / "run_summary.json").read_text())
     summary["gradient_checkpointing"] = yaml.safe_load((work / name / "train_config.yaml").read_text())["gradient_checkpointing"]

@@ -6,13 +6,16 @@ PEFT LoRA r=16 on all linear layers; writes a run_summary-like JSON for bench/sp
 - `--peer tuned`: the best a competent TRL user gets without this project: packing (best-fit
   decreasing, padding-free) to 2048-token rows, transformers' own flex_attention (correct for packed
   rows, ../shared/CONTEXT.md §1), Liger's kernels, no checkpointing, 4 rows per step (6 run out of
-  memory on an 80 GB card).
+  memory on an 80 GB card). `--attention flash_attention_4` gives it FlashAttention-4 where installed, with
+  Liger's RoPE kept on its Triton kernel as this project's README tells any TRL user (Liger otherwise switches to
+  a CuTe DSL kernel once FA4's nvidia-cutlass-dsl imports, and the step waits on the host).
 
     python bench/trl_peers.py --peer tuned --model /tmp/smoke/mistral-7b --data /tmp/smoke/alpaca.jsonl --steps 30 --out trl.json
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +49,7 @@ def main():
     parser.add_argument("--peer", choices=("defaults", "tuned"), default="defaults")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rows", type=int, help="the first ROWS records only (TRL tokenizes every row before step 1)")
+    parser.add_argument("--attention", default="flex_attention", help="the tuned peer's attn_implementation")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     started = time.time()  # wall time from here, as train_sft.py counts it: loading and set-up included
@@ -57,8 +61,10 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     gpu = torch.cuda.is_available()
     tuned = args.peer == "tuned"
+    if tuned and args.attention == "flash_attention_4":
+        os.environ.setdefault("LIGER_KERNEL_IMPL_ROPE", "nvidia-triton")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if gpu else torch.float32,
-                                                 attn_implementation="flex_attention" if tuned else None)
+                                                 attn_implementation=args.attention if tuned else None)
     peer = dict(packing=True, max_length=2048, per_device_train_batch_size=4, gradient_checkpointing=False,
                 use_liger_kernel=gpu) if tuned else {}  # defaults: nothing set
     config = SFTConfig(output_dir=str(args.out.with_suffix("")), max_steps=args.steps, logging_steps=max(1, args.steps // 6),
