@@ -31,6 +31,8 @@ CONFIGS = {  # name: (recipe, flags on top of it); "trl-*" are bench/trl_peers.p
     "lora-recipe": ("recipes/mistral-7b-lora.yaml", []),
     "lora-peft-forward": ("recipes/mistral-7b-lora.yaml", ["--fused_lora", "false"]),
     "lora-fp8-recipe": ("recipes/mistral-7b-lora-fp8.yaml", []),
+    # transformers' default: the loss of every micro-batch tested for NaN/inf on the host (a device sync each)
+    "lora-nan-filter": ("recipes/mistral-7b-lora.yaml", ["--logging_nan_inf_filter", "true"]),
     # validation's cost: none at all, and an evaluation every 5 steps (the recipe: every 50, and at start and end)
     "lora-no-validation": ("recipes/mistral-7b-lora.yaml", ["--validation_size", "0", "--eval_strategy", "no",
                                                             "--eval_on_start", "false", "--samples_at_end", "0"]),

@@ -9,6 +9,13 @@
 #      shared-input groups, and FP8's with fast accumulation in its input-gradient GEMM (bench/step_breakdown.py)
 #   3. carry .whl-unsloth/part2                   bash bench/speed_session.sh 3
 #      Unsloth; where whole LoRA steps leave the GPU idle (bench/step_gaps.py)
+# Then, after the changes those called for (no per-micro-batch loss test, the NaN guard read a step late, fast
+# accumulation in FP8's input-gradient GEMM), on a second machine:
+#   4. carry .whl-speed .whl-fa4/part1            bash bench/speed_session.sh 4
+#      packages, the 7B; FP8 vs bf16 per-step losses over 50 steps (bench/fp8_numerics.py)
+#   5. carry .whl-fa4/part2                       bash bench/speed_session.sh 5
+#      tuned TRL without FA4 on the path; with it, the LoRA recipe with and without transformers' per-micro-batch
+#      loss test, the FP8 recipe; the whole-step gaps again
 set -uo pipefail
 out=${OUT:-/tmp/out}; work=/tmp/smoke; mkdir -p "$out"
 speed() {
@@ -41,6 +48,20 @@ case "$1" in
   speed --configs unsloth --timeout 240 --out "$out/call3-speed-unsloth.md"
   python bench/step_gaps.py --model "$work/mistral-7b" --data "$work/alpaca.jsonl" --config recipes/mistral-7b-lora.yaml \
     --out "$out/call3-step-gaps-lora.json" 2>&1 | grep -vE "Warning|warn\(|it/s\]" | tail -25
+  keep_logs ;;
+4)
+  bash bench/speed_inputs.sh install .whl-speed && bash bench/speed_inputs.sh fa4 .whl-fa4/part1
+  export PYTHONPATH=$(bash bench/speed_inputs.sh noenv)
+  WORK=$work bash bench/inputs.sh
+  python bench/fp8_numerics.py --model "$work/mistral-7b" --data "$work/alpaca.jsonl" --parts losses \
+    --out "$out/call4-fp8-numerics-losses.json" 2>&1 | grep -vE "Warning|warn\(|it/s\]" | tail -8 ;;
+5)
+  bash bench/speed_inputs.sh fa4 .whl-fa4/part2
+  PYTHONPATH=$(bash bench/speed_inputs.sh noenv) speed --configs trl-tuned --out "$out/call5-speed-no-fa4.md"
+  export PYTHONPATH=$(bash bench/speed_inputs.sh env)
+  speed --configs lora-recipe lora-nan-filter lora-fp8-recipe --out "$out/call5-speed-fa4.md"
+  python bench/step_gaps.py --model "$work/mistral-7b" --data "$work/alpaca.jsonl" --config recipes/mistral-7b-lora.yaml \
+    --out "$out/call5-step-gaps-lora.json" 2>&1 | grep -vE "Warning|warn\(|it/s\]" | tail -25
   keep_logs ;;
 esac
 echo "call $1 done after ${SECONDS} s"

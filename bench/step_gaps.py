@@ -93,17 +93,26 @@ def gaps(trace: dict, min_gap_ms: float) -> dict:
     host = [e for e in events if e.get("cat") not in GPU_WORK]
     span = (gpu[-1][1] - gpu[0][0]) / 1e3
     busy = sum(end - start for start, end in gpu) / 1e3
-    by_cause, count = defaultdict(float), defaultdict(int)
+    by_cause, count, longest = defaultdict(float), defaultdict(int), []
     for (_, idle_from), (idle_to, _) in itertools.pairwise(gpu):
         if (idle_to - idle_from) / 1e3 >= min_gap_ms:
             cause = host_work(host, idle_from, idle_to)
             by_cause[cause] += (idle_to - idle_from) / 1e3
             count[cause] += 1
+            longest.append((idle_to - idle_from, idle_from, idle_to))
     idle_large = sum(by_cause.values())
+    # The five longest gaps in full: every host event overlapping each, longest overlap first.
+    detail = []
+    for length, idle_from, idle_to in sorted(longest, reverse=True)[:5]:
+        beside = sorted(((min(idle_to, e["ts"] + e["dur"]) - max(idle_from, e["ts"])) / 1e3, e.get("cat"), e["name"][:80])
+                        for e in host if e["ts"] < idle_to and e["ts"] + e["dur"] > idle_from)
+        detail.append({"ms": length / 1e3, "host_events": [{"overlap_ms": round(o, 3), "cat": c, "name": n}
+                                                             for o, c, n in sorted(beside, reverse=True)[:12]]})
     return {"gpu_span_ms": span, "gpu_busy_ms": busy, "gpu_idle_ms": span - busy,
             f"idle_in_gaps_of_{min_gap_ms}_ms_or_more": idle_large,
             "gaps_by_host_work": [{"host_work": k, "ms": v, "gaps": count[k]}
-                                  for k, v in sorted(by_cause.items(), key=lambda kv: -kv[1])][:20]}
+                                  for k, v in sorted(by_cause.items(), key=lambda kv: -kv[1])][:20],
+            "longest_gaps": detail}
 
 
 def main():

@@ -116,6 +116,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (out / "adapter_model.safetensors").exists()  # no final adapter from a broken run
 
+    # On a step that neither saves nor logs, the check is read at the next step's end (reading it at once
+    # would stall the GPU every step): the same bad step is named, the run stops one step later, unsaved.
+    late = tmp_path / "late"
+    outcome = train(tiny_model_dir, late, "--max_steps", 20, "--learning_rate", 1e30, "--max_grad_norm", 0,
+                    "--save_strategy", "steps", "--save_steps", 100, "--logging_steps", 100, "--eval_strategy", "no")
+    assert outcome.exit_code == 1 and f"became NaN/inf at step {tripped}" in outcome.message
+    assert json.loads((late / "run_summary.json").read_text())["global_step"] == tripped + 1
+    assert not list(late.glob("checkpoint-*")) and not (late / "adapter_model.safetensors").exists()
+
 
 def test_output_dir_holding_a_run_is_refused(tiny_model_dir, tmp_path, capsys):
 

@@ -23,6 +23,11 @@ def _any_process(flag: bool) -> bool:
     return bool(value.item())
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded (FSDP2 DTensor) tensor; a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -124,23 +129,45 @@ class GracefulStop(TrainerCallback):
 
 
 class NonFiniteGuard(TrainerCallback):
-    """Stops at the first step whose update made a trainable weight NaN/inf, before that step's
-    checkpoint is written, so the last checkpoint on disk is a good one. Checks only the trainable
-    (LoRA) weights: a few million values, one device sync per step."""
+    """Stops at a step whose update made a trainable weight NaN/inf, before any checkpoint is written after
+    it, so the last checkpoint on disk is a good one. Checks only the trainable (LoRA) weights, all in one
+    multi-tensor max-norm: a NaN/inf anywhere makes it non-finite, and unlike a 2-norm it cannot overflow on
+    finite weights.
+
+    Reading that flag makes the host wait for the GPU to finish the step, and the GPU then idle while the
+    host queues the next one (10 ms of each H200 step, bench/RESULTS.md). So it is read at once only on a
+    step that saves, logs, evaluates or ends the run; on any other it is read at the next step's end, long
+    after the GPU computed it. A bad step is then named as it happened, and stopped one step later at most,
+    with nothing saved after it either way."""
 
     def __init__(self):
         self.tripped_at: int | None = None
+        self.unread: tuple[int, torch.Tensor | None] | None = None  # (step, its not-finite flag on the device)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        finite = bool(torch.stack([p.detach().isfinite().all() for p in trainable]).all()) if trainable else True
-        if _any_process(not finite):
-            self._trip(state, control)
+        trainable = [_local(p.detach()) for p in model.parameters() if p.requires_grad]
+        flag = torch.stack(torch._foreach_norm(trainable, math.inf)).isfinite().all().logical_not() if trainable else None
+        earlier, self.unread = self.unread, (state.global_step, flag)
+        if earlier is not None and self._read(earlier, state, control):
+            return
+        if control.should_save or control.should_log or control.should_evaluate or control.should_training_stop \
+                or state.global_step >= state.max_steps:
+            current, self.unread = self.unread, None
+            self._read(current, state, control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss) and self.tripped_at is None:
             self._trip(state, control)
+
+    def _read(self, unread: tuple[int, torch.Tensor | None], state, control) -> bool:
+        step, flag = unread
+        if _any_process(flag is not None and bool(flag)) and self.tripped_at is None:
+            self.tripped_at = step
+            self.unread = None
+            stop_training(control, save=False)
+            return True
+        return False
 
     def _trip(self, state, control) -> None:
         self.tripped_at = state.global_step
