@@ -140,7 +140,8 @@ def time_micro_batches(step, batches, warmup: int) -> tuple[float, int]:
 
 def matmul_split(prof, lora_rank: int) -> dict:
     """GPU time of the GEMMs of the frozen weights (and their TFLOP/s) vs those of the LoRA factors,
-    told apart by the rank in their shapes; and the largest kernels of the step."""
+    told apart by the rank in their shapes (a LoRA GEMM has one dimension of the rank, or of a group's ranks
+    together); and the largest kernels of the step."""
     from torch.autograd import DeviceType
 
     # "## Call CompiledFxGraph ##" rows are annotations spanning a compiled graph's kernels, which are listed too.
@@ -153,7 +154,7 @@ def matmul_split(prof, lora_rank: int) -> dict:
             continue
         shapes = event.input_shapes
         (m, k), (_, n) = shapes[first_factor[event.key]], shapes[first_factor[event.key] + 1]
-        if lora_rank in (m, k, n):
+        if min(m, k, n) <= 3 * lora_rank:  # a LoRA factor, or up to three side by side (kernels/fused_lora.py's groups)
             lora_us += event.self_device_time_total
         else:
             base_us += event.self_device_time_total
