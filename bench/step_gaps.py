@@ -90,7 +90,7 @@ def gaps(trace: dict, min_gap_ms: float) -> dict:
     gpu = merged([(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_WORK])
     if not gpu:
         return {"gpu_busy_ms": 0.0}
-    host = [e for e in events if e.get("cat") not in GPU_WORK]
+    host = [e for e in events if e.get("cat") not in (*GPU_WORK, "Trace")]  # "Trace": the profiler's own span
     span = (gpu[-1][1] - gpu[0][0]) / 1e3
     busy = sum(end - start for start, end in gpu) / 1e3
     by_cause, count, longest = defaultdict(float), defaultdict(int), []
