@@ -49,19 +49,24 @@ VARIANTS = ("recipe", "peft-upcast", "rows-4", "checkpointing", "bf16-adapters",
 GPU = torch.cuda.is_available()
 
 
-def build_trainer(args):
-    """The trainer train_sft.py builds from the recipe, with Liger's kernels applied as
-    Trainer.train() applies them when it starts (this script never calls train())."""
-    cpu = cpu_overrides()
+def recipe_trainer(args, *flags: str):
+    """The trainer train_sft.py builds from the recipe (args.config, .model, .data, .work, .rows), without
+    validation, with train_sft.py's `flags` on top; bench/step_gaps.py trains it."""
     script_args, training_args, model_args = parse_settings(
         ["--config", args.config, "--model_name_or_path", args.model, "--dataset_name", args.data,
-         "--output_dir", str(args.work), "--report_to", "none", *cpu,
-         # forward + backward of micro-batches only: no validation
-         "--validation_size", "0", "--eval_strategy", "no", "--eval_on_start", "false", "--samples_at_end", "0"]
+         "--output_dir", str(args.work), "--report_to", "none", *cpu_overrides(),
+         "--validation_size", "0", "--eval_strategy", "no", "--eval_on_start", "false", "--samples_at_end", "0", *flags]
     )
     tokenizer = load_tokenizer(args.model)
     dataset, _ = build_dataset(args.data, tokenizer, max_length=training_args.max_length, max_rows=args.rows)
-    trainer = build_training_trainer(script_args, training_args, model_args, tokenizer, dataset)
+    return build_training_trainer(script_args, training_args, model_args, tokenizer, dataset)
+
+
+def build_trainer(args):
+    """recipe_trainer's, with Liger's kernels applied as Trainer.train() applies them when it starts
+    (this script times forward + backward of micro-batches and never calls train())."""
+    trainer = recipe_trainer(args)
+    training_args = trainer.args
     if training_args.use_liger_kernel:
         from transformers.integrations.liger import apply_liger_kernel
 

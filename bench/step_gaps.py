@@ -29,10 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sf
 import torch
 from transformers import TrainerCallback
 
-from alpaca_sft.data.dataset import build_dataset
-from alpaca_sft.models.tokenizer import load_tokenizer
-from alpaca_sft.train.run import build_trainer
-from alpaca_sft.train.settings import cpu_overrides, parse_settings
+from step_breakdown import recipe_trainer  # bench/step_breakdown.py, beside this script
 
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -128,24 +125,17 @@ def main():
     parser.add_argument("flags", nargs="*", help="more train_sft.py flags, after --")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="step_gaps-"))
-    script_args, training_args, model_args = parse_settings(
-        ["--config", args.config, "--model_name_or_path", args.model, "--dataset_name", args.data,
-         "--output_dir", str(work), "--report_to", "none", "--max_steps", str(args.last), "--save_strategy", "no",
-         "--logging_steps", "1", *cpu_overrides(),
-         "--validation_size", "0", "--eval_strategy", "no", "--eval_on_start", "false", "--samples_at_end", "0",
-         *args.flags])
-    tokenizer = load_tokenizer(args.model)
-    dataset, _ = build_dataset(args.data, tokenizer, max_length=training_args.max_length, max_rows=args.rows)
-    trainer = build_trainer(script_args, training_args, model_args, tokenizer, dataset)
+    args.work = Path(tempfile.mkdtemp(prefix="step_gaps-"))
+    trainer = recipe_trainer(args, "--max_steps", str(args.last), "--save_strategy", "no", "--logging_steps", "1",
+                             *args.flags)
     profile = ProfileSteps(args.first, args.last)
     trainer.add_callback(profile)
     trainer.train()
 
-    trace_path = work / "trace.json"
+    trace_path = args.work / "trace.json"
     profile.profiler.export_chrome_trace(str(trace_path))
     steps = args.last - args.first + 1
-    micro_batches = steps * training_args.gradient_accumulation_steps
+    micro_batches = steps * trainer.args.gradient_accumulation_steps
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "config": args.config, "flags": args.flags, "optimizer_steps": steps, "micro_batches": micro_batches,
               "wall_ms": profile.seconds * 1e3, **gaps(json.loads(trace_path.read_text()), args.gap_ms)}

@@ -149,19 +149,19 @@ class NonFiniteGuard(TrainerCallback):
         trainable = [_local(p.detach()) for p in model.parameters() if p.requires_grad]
         flag = torch.stack(torch._foreach_norm(trainable, math.inf)).isfinite().all().logical_not() if trainable else None
         earlier, self.unread = self.unread, (state.global_step, flag)
-        if earlier is not None and self._read(earlier, state, control):
+        if earlier is not None and self._read(earlier, control):
             return
         if control.should_save or control.should_log or control.should_evaluate or control.should_training_stop \
                 or state.global_step >= state.max_steps:
             current, self.unread = self.unread, None
-            self._read(current, state, control)
+            self._read(current, control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss) and self.tripped_at is None:
             self._trip(state, control)
 
-    def _read(self, unread: tuple[int, torch.Tensor | None], state, control) -> bool:
+    def _read(self, unread: tuple[int, torch.Tensor | None], control) -> bool:
         step, flag = unread
         if _any_process(flag is not None and bool(flag)) and self.tripped_at is None:
             self.tripped_at = step
