@@ -49,7 +49,8 @@ def test_fused_lora_matches_peft_in_fp32(tiny_model_dir, batch):
     assert grads.keys() == grads_ref.keys() and any("lora_A" in n for n in grads) and any("lora_B" in n for n in grads)
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
-    torch.testing.assert_close(input_grad, input_grad_ref, rtol=1e-4, atol=1e-7)
+    # Summed in another order than PEFT's (fp32 rounding, which varies with the CPU's GEMM kernels: 7e-7 seen)
+    torch.testing.assert_close(input_grad, input_grad_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_sibling_layers_share_their_input_and_match_each_layer_alone(tiny_model_dir, batch):
