@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import THREE, needs_cpu_fp8, write_jsonl
+from conftest import REPO, THREE, needs_cpu_fp8, write_jsonl
 from peft import LoraConfig, PeftModel, get_peft_model
 from random_model import ARCHITECTURES, build_random_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -312,3 +312,25 @@ def test_merged_model_equals_base_plus_adapter_and_reloads_plainly(arch, model_d
     torch.testing.assert_close(logits_on(reloaded, tokenizer, texts), reference, rtol=1e-4, atol=1e-4)
     assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] in (
         tokenizer.eos_token_id, [tokenizer.eos_token_id])
+
+
+FSDP_CONFIGS = ("fsdp.yaml", "fsdp_qlora.yaml")
+
+
+@pytest.mark.parametrize("config", FSDP_CONFIGS)
+def test_fsdp_configs_wrap_each_decoder_layer_of_any_family(config, model_dir, monkeypatch):
+    """The FSDP configs name no layer class: accelerate launch's environment for them, then the plugin's wrap
+    policy on this family's PEFT model, as Trainer prepares it, must put exactly its decoder layers in shards."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(REPO / "accelerate_configs" / config), "train_sft.py"])
+    for key, value in prepare_multi_gpu_env(_validate_launch_command(args)[0]).items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    model = get_peft_model(load(model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    plugin.set_auto_wrap_policy(model)
+    wrapped = {type(m).__name__ for m in model.modules()
+               if plugin.auto_wrap_policy(module=m, recurse=False, nonwrapped_numel=0)}
+    assert wrapped == {type(model.base_model.model.model.layers[0]).__name__}
