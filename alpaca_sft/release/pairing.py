@@ -40,7 +40,7 @@ def _config(name_or_path: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
     except Exception as err:  # no config.json, or a cache without it
         raise PairError(f"cannot read the model config of {name_or_path!r}: {err}") from err
 
@@ -69,6 +69,8 @@ def inspect_pair(base: str, tuned: str | Path, allow_other_base: bool = False) -
             _same_base(base, recorded, record.summary.get("base_fingerprint"), tuned)
         return Tuned(tuned, True, record)
     if (tuned / "config.json").is_file():
+        if problem := model_problem(str(tuned)):
+            raise PairError(f"--tuned: {problem}")
         _same_shape(_config(str(tuned)), base_config, str(tuned), base)
         return Tuned(tuned, False, RunRecord.read(tuned))
     latest, unsealed = newest_sealed(tuned)
@@ -116,7 +118,7 @@ def _adapter_fits(adapter_dir: Path, base_config, base: str) -> None:
     if not weights.is_file():
         raise PairError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors")
     with torch.device("meta"):
-        modules = dict(AutoModelForCausalLM.from_config(base_config).named_modules())
+        modules = dict(AutoModelForCausalLM.from_config(base_config, trust_remote_code=False).named_modules())
     with safe_open(str(weights), framework="pt") as tensors:
         for key in tensors.keys():
             if ".lora_A." not in key and ".lora_B." not in key:
