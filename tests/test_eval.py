@@ -243,6 +243,30 @@ def test_adapter_from_another_base_is_refused_before_weights_load(tiny_model_dir
     assert inspect_pair(str(copy), adapter_dir).is_adapter
 
 
+@pytest.mark.parametrize("edit,named", [
+    ({"lora_alpha": 320}, "lora_alpha is 320 but the run trained with lora_alpha 32"),
+    ({"target_modules": ["q_proj"]}, "target_modules is [q_proj] but its tensors also adapt down_proj, gate_proj, k_proj"),
+    ({"r": 8}, "r is 8 but the run trained with lora_r 16; r is 8 but its tensors have rank 16"),
+])
+def test_an_edited_adapter_config_is_refused_by_name_before_anything_loads(tiny_model_dir, adapter_dir, tmp_path, edit,
+                                                                           named):
+    import shutil
+
+    for with_record in (True, False):  # an adapter made elsewhere has no train_config.yaml: its tensors still judge it
+        tuned = shutil.copytree(adapter_dir, tmp_path / f"tuned-{with_record}", ignore=shutil.ignore_patterns("comparison*"))
+        if not with_record:
+            (tuned / "train_config.yaml").unlink()
+        config = json.loads((tuned / "adapter_config.json").read_text())
+        (tuned / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+        if "lora_alpha" in edit and not with_record:  # nothing stored says what the scale was: its own config stands
+            assert inspect_pair(str(tiny_model_dir), tuned).is_adapter
+            continue
+        with pytest.raises(PairError) as err:
+            inspect_pair(str(tiny_model_dir), tuned)
+        expected = named if with_record else named.split("; ")[-1]
+        assert expected in str(err.value) and "restore the adapter_config.json saved with it" in str(err.value)
+
+
 def test_an_interrupted_run_points_to_its_newest_complete_checkpoint(tiny_model_dir, adapter_dir, tmp_path):
     import shutil
 
