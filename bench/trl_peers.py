@@ -58,13 +58,13 @@ def main():
     dataset = Dataset.from_list(
         [{"prompt": render_prompt(r["instruction"], r.get("input", "")), "completion": r["output"]} for r in records]
     )
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     gpu = torch.cuda.is_available()
     tuned = args.peer == "tuned"
     if tuned and args.attention == "flash_attention_4":
         os.environ.setdefault("LIGER_KERNEL_IMPL_ROPE", "nvidia-triton")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if gpu else torch.float32,
-                                                 attn_implementation=args.attention if tuned else None)
+                                                 attn_implementation=args.attention if tuned else None, trust_remote_code=False)
     peer = dict(packing=True, max_length=2048, per_device_train_batch_size=4, gradient_checkpointing=False,
                 use_liger_kernel=gpu) if tuned else {}  # defaults: nothing set
     config = SFTConfig(output_dir=str(args.out.with_suffix("")), max_steps=args.steps, logging_steps=max(1, args.steps // 6),

@@ -90,7 +90,7 @@ def main():
     # use_exact_model_name: no mapping of the name to an unsloth/* Hub repo; local_files_only: no Hub call at all.
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=args.model, max_seq_length=2048, dtype=torch.bfloat16 if gpu else torch.float32,
-        load_in_4bit=False, use_exact_model_name=True, local_files_only=True,
+        load_in_4bit=False, use_exact_model_name=True, local_files_only=True, trust_remote_code=False,
         use_gradient_checkpointing=checkpointing)
     model = FastLanguageModel.get_peft_model(
         model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS, bias="none",

@@ -66,4 +66,4 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="build/tiny-mistral", help="a folder with the Mistral tokenizer")
     parser.add_argument("--records", type=int, default=RECORDS)
     args = parser.parse_args()
-    print(write_workload(args.path, AutoTokenizer.from_pretrained(args.model), args.records))
+    print(write_workload(args.path, AutoTokenizer.from_pretrained(args.model, trust_remote_code=False), args.records))

@@ -155,6 +155,7 @@ def test_bad_row_fails_before_weights_load_and_names_the_row(tmp_path, tokenizer
         (["--fp8_base", "true", "--use_peft", "false"], "fp8_base puts the frozen base in FP8 under LoRA: set use_peft: true"),
         (["--fp8_base", "true", "--dtype", "float32"], "fp8_base: set dtype: bfloat16 (not float32)"),
         (["--fp8_base", "true", "--torch_compile", "true"], "fp8_base compiles its own"),
+        (["--trust_remote_code", "true"], "trust_remote_code: this pipeline never runs a model folder's own Python code"),
     ],
 )
 def test_bad_settings_are_refused_before_weights_load(tmp_path, tokenizer_dir, override, message):
@@ -298,6 +299,49 @@ def test_a_bad_file_or_setting_is_one_message_before_weights_load(make, message,
     result = run_train(*config, "--model_name_or_path", tiny_model_dir, "--output_dir", out, *args)
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert not (out / "train_config.yaml").exists()
+
+
+def _folder_with_its_own_code(folder, tokenizer_dir, marker):
+    """A model folder that transformers can only load by importing its own module, which writes `marker`."""
+    import shutil
+
+    shutil.copytree(tokenizer_dir, folder)
+    (folder / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil_lm'\n")
+    auto_map = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil_lm", "auto_map": auto_map}))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return folder
+
+
+def test_a_model_folder_that_runs_its_own_code_is_refused_before_anything_loads(tmp_path, tokenizer_dir, monkeypatch,
+                                                                                 capsys):
+    import eval_compare
+    from alpaca_sft.models.sources import model_problem
+
+    marker = tmp_path / "code-ran"
+    folder = _folder_with_its_own_code(tmp_path / "evil", tokenizer_dir, marker)
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")  # a user who says yes
+    (tmp_path / "tuned").mkdir()
+    for cli, args in [(train_sft.cli, ["--config", REPO / "recipes/tiny-cpu.yaml", "--model_name_or_path", folder,
+                                       "--output_dir", tmp_path / "out"]),
+                      (eval_compare.cli, ["--base", folder, "--tuned", tmp_path / "tuned",
+                                          "--prompts", REPO / "data" / "eval_prompts.jsonl"])]:
+        capsys.readouterr()
+        assert cli(list(map(str, args))) == 1
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "runs its own Python code" in err and "'evil_lm'" in err, err
+    assert not asked and not marker.exists()
+    # A type transformers has built in loads with its own classes, whatever an auto_map says: not refused.
+    known = tmp_path / "known"
+    known.mkdir()
+    (known / "config.json").write_text(json.dumps({"model_type": "mistral", "auto_map": {"AutoConfig": "evil.X"}}))
+    assert model_problem(str(known)) is None
 
 
 def test_a_setting_that_is_almost_surely_a_mistake_is_warned_with_its_number(tiny_model_dir, tmp_path):

@@ -226,6 +226,7 @@ def test_a_byte_order_mark_is_accepted_in_every_format(tmp_path, tokenizer):
     ("d.json", json.dumps({"instruction": "x", "output": "y"}), "holds one JSON object (keys: instruction, output), not a list"),
     ("d.json", json.dumps("text"), "holds a JSON str, not a list of records"),
     ("d.csv", "instruction,answer\nSay hi,hi\nSay yo,yo\n", "has no `output` column (its columns: answer, instruction)"),
+    ("d.json", json.dumps({"instruction": "x", "hunter2": "y"}), "holds one JSON object (keys: instruction, 1 other), not"),
 ])
 def test_a_problem_of_the_whole_file_is_reported_once(tmp_path, tokenizer, name, content, message):
     path = tmp_path / name
@@ -233,6 +234,28 @@ def test_a_problem_of_the_whole_file_is_reported_once(tmp_path, tokenizer, name,
     with pytest.raises(DataError) as err:
         build_dataset(str(path), tokenizer, drop_invalid_rows=True)
     assert message in str(err.value) and "row" not in str(err.value)
+
+
+def test_a_private_file_given_as_data_is_neither_quoted_nor_left_in_the_cache(tmp_path, tokenizer, monkeypatch):
+    import datasets
+
+    cache = tmp_path / "datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    secrets = ("s3cr3tSALT", "h4shOfThePassword", "AnotherSecret")
+    private = tmp_path / "shadow"  # a password file, named as data through a link
+    private.write_text(f"admin:$6${secrets[0]}${secrets[1]}:19000:0:99999:7:::\nbob:$6${secrets[2]}$x:19000:0:99999:7:::\n")
+    private.chmod(0o600)
+    (tmp_path / "data.csv").symlink_to(private)
+    with pytest.raises(DataError) as err:
+        build_dataset(str(tmp_path / "data.csv"), tokenizer)
+    assert "has no `instruction` or `output` column (its columns: 1 other)" in str(err.value)
+    assert not any(secret in str(err.value) for secret in secrets), err.value
+    good = tmp_path / "good.csv"  # a private file that is data: read, and no copy of it stays in the cache
+    good.write_text(f"instruction,output\nSay it,{secrets[2]}\n")
+    good.chmod(0o600)
+    assert len(build_dataset(str(good), tokenizer)[0]) == 1
+    copies = [f for f in cache.rglob("*") if f.is_file() and any(s.encode() in f.read_bytes() for s in secrets)]
+    assert not copies
 
 
 def test_a_url_is_refused_with_what_to_do(tokenizer):

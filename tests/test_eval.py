@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ from hub_server import HubServer
 
 import eval_compare
 from alpaca_sft.models.tokenizer import load_tokenizer
-from alpaca_sft.eval.prompts import PromptFileError, read_prompts
+from alpaca_sft.eval.prompts import EvalPrompt, PromptFileError, read_prompts
+from alpaca_sft.eval.scoring import score
 from alpaca_sft.eval.sql_check import check_sql
+from alpaca_sft.models.generation import Generation
 from alpaca_sft.release.merge import logits_on, merge, save_merged
 from alpaca_sft.release.pairing import PairError, inspect_pair
 from conftest import THREE, train
@@ -138,6 +141,52 @@ def test_sql_checks():
     assert check_sql(SHOWCASE + "; SELECT 1 FROM nowhere", SCHEMA, SHOWCASE).matches_reference
 
 
+def test_sql_check_refuses_an_answer_that_is_not_a_read_only_query(tmp_path):
+    attached = tmp_path / "x.db"
+    result = check_sql(f"ATTACH DATABASE '{attached}' AS p", SCHEMA, SHOWCASE)
+    assert result.refused and "ATTACH" in result.refused and not result.executes and result.matches_reference is False
+    assert not attached.exists()
+    for answer, tried in [
+        ("INSERT INTO table_name_12 VALUES ('a', 'b', 'c')", "INSERT table_name_12"),
+        ("DELETE FROM table_name_12", "DELETE table_name_12"),
+        ("UPDATE table_name_12 SET class = 'x'", "UPDATE table_name_12"),
+        ("DROP TABLE table_name_12", "sqlite_master"),
+        ("CREATE TABLE other (a VARCHAR)", "sqlite_master"),
+        ("PRAGMA writable_schema = 1", "PRAGMA writable_schema"),
+        ("SELECT * FROM pragma_database_list", "sqlite_master"),
+        ("SELECT load_extension('/tmp/lib')", "FUNCTION load_extension"),
+        ("SELECT sql FROM sqlite_master", "READ sqlite_master"),
+        (f"VACUUM INTO '{tmp_path / 'copy.db'}'", "ATTACH"),
+    ]:
+        result = check_sql(answer, SCHEMA, SHOWCASE)
+        assert result.refused and tried in result.refused and not result.executes, (answer, result)
+    assert not list(tmp_path.iterdir())
+
+
+def test_sql_check_stops_a_query_that_never_ends():
+    start = time.monotonic()
+    result = check_sql("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n",
+                       SCHEMA, SHOWCASE)
+    assert time.monotonic() - start < 3 and not result.executes and "longer than 1 s" in result.refused
+
+
+def test_sql_check_runs_ordinary_queries_under_its_guard():
+    schema = "CREATE TABLE team (id INT, name VARCHAR); CREATE TABLE game (team_id INT, points INT)"
+    for query in [
+        "SELECT name, SUM(points) FROM team JOIN game ON team.id = game.team_id GROUP BY name",
+        "SELECT COUNT(*) FROM game WHERE points > (SELECT AVG(points) FROM game)",
+        "SELECT name FROM team WHERE id IN (SELECT team_id FROM game WHERE points > 3) ORDER BY name",
+        "WITH best AS (SELECT team_id, MAX(points) AS top FROM game GROUP BY team_id) SELECT COUNT(*) FROM best",
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5) SELECT COUNT(*) FROM n",
+        "SELECT UPPER(name), LENGTH(name), ROUND(AVG(points), 1) FROM team, game GROUP BY name",
+    ]:
+        result = check_sql(query, schema, query)
+        assert result.executes and result.matches_reference and result.refused is None, (query, result)
+    summary, _ = score([EvalPrompt("a", "p", "SELECT 1", schema), EvalPrompt("b", "p", "SELECT 1", schema)],
+                       [Generation("DELETE FROM game", "eos", 3, 0.1), Generation("SELECT 1", "eos", 2, 0.1)])
+    assert summary["sql_refused"] == 1 and summary["sql_executes"] == 0.5
+
+
 def test_shipped_prompt_file_holds_the_showcase_with_references():
     prompts = read_prompts(REPO / "data" / "eval_prompts.jsonl")
     showcase = next(p for p in prompts if p.id == "showcase-sql")
@@ -192,6 +241,30 @@ def test_adapter_from_another_base_is_refused_before_weights_load(tiny_model_dir
     # ...while the same weights in another folder are the same base.
     copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
     assert inspect_pair(str(copy), adapter_dir).is_adapter
+
+
+@pytest.mark.parametrize("edit,named", [
+    ({"lora_alpha": 320}, "lora_alpha is 320 but the run trained with lora_alpha 32"),
+    ({"target_modules": ["q_proj"]}, "target_modules is [q_proj] but its tensors also adapt down_proj, gate_proj, k_proj"),
+    ({"r": 8}, "r is 8 but the run trained with lora_r 16; r is 8 but its tensors have rank 16"),
+])
+def test_an_edited_adapter_config_is_refused_by_name_before_anything_loads(tiny_model_dir, adapter_dir, tmp_path, edit,
+                                                                           named):
+    import shutil
+
+    for with_record in (True, False):  # an adapter made elsewhere has no train_config.yaml: its tensors still judge it
+        tuned = shutil.copytree(adapter_dir, tmp_path / f"tuned-{with_record}", ignore=shutil.ignore_patterns("comparison*"))
+        if not with_record:
+            (tuned / "train_config.yaml").unlink()
+        config = json.loads((tuned / "adapter_config.json").read_text())
+        (tuned / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+        if "lora_alpha" in edit and not with_record:  # nothing stored says what the scale was: its own config stands
+            assert inspect_pair(str(tiny_model_dir), tuned).is_adapter
+            continue
+        with pytest.raises(PairError) as err:
+            inspect_pair(str(tiny_model_dir), tuned)
+        expected = named if with_record else named.split("; ")[-1]
+        assert expected in str(err.value) and "restore the adapter_config.json saved with it" in str(err.value)
 
 
 def test_an_interrupted_run_points_to_its_newest_complete_checkpoint(tiny_model_dir, adapter_dir, tmp_path):

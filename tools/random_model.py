@@ -283,7 +283,7 @@ def build_random_model(folder: str | Path, arch: str = "mistral", seed: int = 0)
     if arch == "mistral":
         return build_random_mistral(folder, seed=seed)
     folder = Path(folder)
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_WRITERS[arch](folder))
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_WRITERS[arch](folder), trust_remote_code=False)
     multiple = EMBEDDING_ROWS_MULTIPLE.get(arch, 1)
     rows = -(-len(tokenizer) // multiple) * multiple
     model = tiny_model(arch, rows, seed, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)

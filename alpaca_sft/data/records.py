@@ -7,11 +7,17 @@ text-to-SQL's question/context/answer (b-mc2/sql-create-context), rendered in th
 Problems of a whole file (not found, a URL, a JSON object where a list belongs, a missing column)
 are reported once, as such; problems of a row name the row. A UTF-8 byte-order mark is accepted in
 every format, and a line that is not UTF-8 is a row problem like any other.
+
+A file given by mistake may hold anything (a private key, a password file named .csv): messages quote
+none of a file's text beyond the field names this pipeline reads, and a local file leaves no copy
+behind in the datasets cache (see _read_with_datasets).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,7 @@ from .template import render_prompt, render_sql_prompt
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 REQUIRED_FIELDS = ("instruction", "output")
 SQL_FIELDS = ("question", "context", "answer")
+KNOWN_FIELDS = ("instruction", "input", "output", *SQL_FIELDS)
 MAX_ROWS_NAMED = 200  # an error names at most this many bad rows, then counts the rest
 BOM = "\ufeff"
 
@@ -131,7 +138,7 @@ def _read_json(path: Path) -> list[Row]:
         return read_json_lines(path)  # several JSON values, one per line
     if isinstance(whole, dict):
         raise DataError(
-            f"{path} holds one JSON object (keys: {', '.join(list(whole)[:6])}), not a list of records: "
+            f"{path} holds one JSON object (keys: {_field_names(whole)}), not a list of records: "
             "write the records as a JSON array, or one per line in a .jsonl file"
         )
     if not isinstance(whole, list):
@@ -145,23 +152,39 @@ def _read_table(path: Path) -> list[Row]:
     missing = [f for f in REQUIRED_FIELDS if f not in columns]
     if rows and missing and not set(SQL_FIELDS) <= columns:
         raise DataError(
-            f"{path} has no {' or '.join(f'`{m}`' for m in missing)} column (its columns: {', '.join(sorted(columns))}); "
+            f"{path} has no {' or '.join(f'`{m}`' for m in missing)} column (its columns: {_field_names(columns)}); "
             "the fields are instruction, input (optional) and output, or question, context and answer"
         )
     return rows
 
 
+def _field_names(names) -> str:
+    """A header's or an object's names as a message may quote them: the fields this pipeline reads by name,
+    every other name counted (it is the file's text, which may be anyone's: the first line of a password file)."""
+    known = sorted(n for n in names if n in KNOWN_FIELDS)
+    others = len(names) - len(known)
+    return ", ".join(known + ([f"{others} other{'s' * (others > 1)}"] if others else [])) or "none"
+
+
 def _read_with_datasets(name: str, **kwargs: Any) -> list[Row]:
+    """A Hub dataset through the datasets cache; a local file or folder through a private cache of its own,
+    removed once read: datasets 5.2 writes the rows (Arrow) and the column names (dataset_info.json) under
+    its cache with the process's umask, readable by others where the source may not have been."""
     import datasets
 
     if name == "csv":
         kwargs["keep_default_na"] = False  # an empty `input` cell is "", not NaN
         kwargs["encoding"] = "utf-8-sig"  # a byte-order mark is not part of the first column's name
-    try:
-        table = datasets.load_dataset(name, **kwargs)
-    except Exception as err:  # the Hub, a parser or the network: say which source failed
-        raise DataError(f"could not load dataset {kwargs.get('data_files', name)!r}: {err}") from err
-    return [Row(index=i, record=record) for i, record in enumerate(table)]
+    private = contextlib.nullcontext()  # cache_dir None: datasets' own cache
+    if "data_files" in kwargs or Path(name).is_dir():
+        Path(datasets.config.HF_DATASETS_CACHE).mkdir(parents=True, exist_ok=True)
+        private = tempfile.TemporaryDirectory(dir=datasets.config.HF_DATASETS_CACHE, prefix="local-read-")  # mode 0700
+    with private as cache_dir:
+        try:
+            table = datasets.load_dataset(name, cache_dir=cache_dir, **kwargs)
+        except Exception as err:  # the Hub, a parser or the network: say which source failed
+            raise DataError(f"could not load dataset {kwargs.get('data_files', name)!r}: {err}") from err
+        return [Row(index=i, record=record) for i, record in enumerate(table)]
 
 
 def dataset_problem(name: str) -> str | None:

@@ -16,6 +16,7 @@ METRICS = [
     ("exact_match", "exact match (normalized)", "{:.0%}"),
     ("sql_executes", "SQL runs on the schema", "{:.0%}"),
     ("sql_result_match", "SQL result = reference's", "{:.0%}"),
+    ("sql_refused", "SQL answers refused (not run)", "{:d}"),
     ("prompts_per_second", "prompts per second", "{:.2f}"),
 ]
 

@@ -51,6 +51,7 @@ def score(prompts: list[EvalPrompt], generations: list[Generation]) -> tuple[dic
         "sql_prompts": len(sql),
         "sql_executes": statistics.fmean(s["executes"] for s in sql) if sql else None,
         "sql_result_match": statistics.fmean(sql_with_reference) if sql_with_reference else None,
+        "sql_refused": sum(s["refused"] is not None for s in sql) if sql else None,
         "prompts_per_second": len(generations) / seconds if seconds else None,
     }
     return summary, judgments

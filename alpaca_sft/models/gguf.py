@@ -89,11 +89,12 @@ def load_gguf_weights(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, GgufConfig
 
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                  quantization_config=GgufConfig(gguf_file=path.name, dequantize=True))
+                                                  quantization_config=GgufConfig(gguf_file=path.name, dequantize=True),
+                                                  trust_remote_code=False)
     config = loaded.config
     for key in ("quantization_config", "_name_or_path"):
         config.__dict__.pop(key, None)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     state = loaded.state_dict()
     tied = {"lm_head.weight"} if getattr(config.get_text_config(), "tie_word_embeddings", False) else set()
     missing = [k for k in plain.state_dict() if k not in state and k not in tied]

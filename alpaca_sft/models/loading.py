@@ -29,7 +29,7 @@ def load_model(name_or_path: str, dtype: str | None = "auto", *, revision: str |
         device = this_process_device()
     return AutoModelForCausalLM.from_pretrained(
         name_or_path, revision=revision, dtype=dtype or "auto", attn_implementation=attn_implementation,
-        quantization_config=quantization_config, device_map=device,
+        quantization_config=quantization_config, device_map=device, trust_remote_code=False,
     )
 
 

@@ -52,10 +52,39 @@ def _folder_problem(path: Path, name: str, need_tokenizer: bool) -> str | None:
             json.loads(config.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as err:
             return f"{config} is not valid JSON ({err}): the folder is damaged; copy or convert the model again"
+    if problem := _own_code_problem(path, name):
+        return problem
     if need_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
         return (f"{name} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the base's tokenizer files into it, "
                 "as they were published with the model")
     return None
+
+
+def _own_code_problem(path: Path, name: str) -> str | None:
+    """A folder that only its own Python code can load: an auto_map (config.json's or tokenizer_config.json's)
+    naming classes for a model type transformers does not know. Asked to load it, transformers would offer on a
+    terminal to run that code; this project passes trust_remote_code=False everywhere and refuses it here, in
+    one message, before anything loads."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    configs = {file: _json_or_empty(path / file) for file in ("config.json", "tokenizer_config.json")}
+    with_code = [file for file, config in configs.items() if config.get("auto_map")]
+    model_type = configs["config.json"].get("model_type")
+    if not with_code or model_type in CONFIG_MAPPING:
+        return None  # a known type loads with transformers' own classes, whatever the auto_map says
+    return (f"{name} is a model that runs its own Python code: its {' and '.join(with_code)} map it to classes in "
+            f"the folder (auto_map), for a model type ({model_type!r}) that transformers {transformers.__version__} "
+            "does not know. This pipeline never runs a model folder's code: use a base whose type transformers has "
+            "built in (Mistral, Llama, Qwen2, Gemma 3, ...)")
+
+
+def _json_or_empty(file: Path) -> dict:
+    try:
+        loaded = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def model_fingerprint(name: str, revision: str | None = None) -> str | None:

@@ -33,7 +33,7 @@ NEW_PAD = "<|pad|>"
 def load_tokenizer(name_or_path: str, revision: str | None = None):
     """The base's tokenizer with its special tokens settled (see the module's docstring)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as err:  # no tokenizer files, or ones transformers cannot read
         raise TokenizerError(f"cannot load the tokenizer of {name_or_path}: {err}") from None
     return settle_special_tokens(tokenizer, name_or_path, embedding_rows=_embedding_rows(name_or_path, revision))
@@ -43,7 +43,7 @@ def _embedding_rows(name_or_path: str, revision: str | None) -> int | None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
     except Exception:  # a tokenizer-only folder: no model to make room in
         return None
     return getattr(config.get_text_config(), "vocab_size", None)

@@ -3,7 +3,6 @@ the base's stored weights, before anything large loads."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,10 @@ from ..train.run_record import RunRecord
 
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "vocab_size")
+# adapter_config.json's fields that shape the merged weights, and the run's settings (train_config.yaml) behind them.
+ADAPTER_SETTINGS = {"r": "lora_r", "lora_alpha": "lora_alpha", "target_modules": "lora_target_modules",
+                    "use_rslora": "use_rslora", "use_dora": "use_dora", "modules_to_save": "lora_modules_to_save",
+                    "target_parameters": "lora_target_parameters"}
 
 
 class PairError(ValueError):
@@ -40,7 +43,7 @@ def _config(name_or_path: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
     except Exception as err:  # no config.json, or a cache without it
         raise PairError(f"cannot read the model config of {name_or_path!r}: {err}") from err
 
@@ -64,11 +67,15 @@ def inspect_pair(base: str, tuned: str | Path, allow_other_base: bool = False) -
     if (tuned / "adapter_config.json").is_file():
         record = RunRecord.read(tuned)
         _adapter_fits(tuned, base_config, base)
-        recorded = json.loads((tuned / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        adapter = _adapter_config(tuned)
+        _adapter_as_made(tuned, adapter, record)
+        recorded = adapter.base_model_name_or_path
         if not allow_other_base:
             _same_base(base, recorded, record.summary.get("base_fingerprint"), tuned)
         return Tuned(tuned, True, record)
     if (tuned / "config.json").is_file():
+        if problem := model_problem(str(tuned)):
+            raise PairError(f"--tuned: {problem}")
         _same_shape(_config(str(tuned)), base_config, str(tuned), base)
         return Tuned(tuned, False, RunRecord.read(tuned))
     latest, unsealed = newest_sealed(tuned)
@@ -116,7 +123,7 @@ def _adapter_fits(adapter_dir: Path, base_config, base: str) -> None:
     if not weights.is_file():
         raise PairError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors")
     with torch.device("meta"):
-        modules = dict(AutoModelForCausalLM.from_config(base_config).named_modules())
+        modules = dict(AutoModelForCausalLM.from_config(base_config, trust_remote_code=False).named_modules())
     with safe_open(str(weights), framework="pt") as tensors:
         for key in tensors.keys():
             if ".lora_A." not in key and ".lora_B." not in key:
@@ -131,3 +138,84 @@ def _adapter_fits(adapter_dir: Path, base_config, base: str) -> None:
                     f"the adapter in {adapter_dir} was not trained on --base {base}: {key} has shape {list(shape)}, "
                     f"which does not fit {module_name} of the base ({layer})"
                 )
+
+
+def _adapter_config(tuned: Path):
+    """adapter_config.json as PEFT reads it (a LoraConfig for the adapters train_sft.py makes)."""
+    from peft import PeftConfig
+
+    try:
+        return PeftConfig.from_pretrained(str(tuned))
+    except Exception as err:  # not JSON, or fields PEFT refuses
+        raise PairError(f"{tuned / 'adapter_config.json'} cannot be read by PEFT ({err}): restore the one saved with "
+                        "the adapter") from None
+
+
+def _adapter_as_made(tuned: Path, adapter, record: RunRecord) -> None:
+    """PEFT merges an adapter as its adapter_config.json says, whatever it was trained as: an edited config (a
+    scale of 320 for 32, a rank or target list cut) is merged as edited, or fails inside PEFT after the base
+    has generated. So the config must agree with the run that made it (train_config.yaml, where there is one)
+    and with the adapter's own tensors."""
+    differ = _unlike_record(adapter, record.config) + _unlike_tensors(adapter, tuned / "adapter_model.safetensors")
+    if differ:
+        raise PairError(f"{tuned / 'adapter_config.json'} does not describe the adapter it is saved with: "
+                        f"{'; '.join(differ)}. PEFT would merge the adapter as that file says, not as it was trained: "
+                        "restore the adapter_config.json saved with it"
+                        + (" (the run's settings are in train_config.yaml beside it)" if record.config else ""))
+
+
+def _as_set(value):
+    return {value} if isinstance(value, str) else set(value) if value is not None else None
+
+
+def _unlike_record(adapter, trained: dict) -> list[str]:
+    differ = []
+    for key, setting in ADAPTER_SETTINGS.items():
+        if setting not in trained:  # no train_config.yaml: an adapter made elsewhere stands on its own config
+            continue
+        recorded, saved = trained[setting], getattr(adapter, key, None)
+        if key == "target_modules" and _as_set(recorded) in (None, {"all-linear"}):
+            continue  # PEFT chose the names and saved them: the tensors check them
+        if key in ("target_modules", "modules_to_save", "target_parameters"):
+            same = _as_set(recorded) == _as_set(saved)
+        else:
+            same = recorded == saved
+        if not same:
+            differ.append(f"{key} is {_shown(saved)} but the run trained with {setting} {_shown(recorded)}")
+    return differ
+
+
+def _unlike_tensors(adapter, weights: Path) -> list[str]:
+    """What the stored tensors contradict: each module's rank (lora_A's rows), the modules adapted, DoRA's
+    magnitude vectors; judged by PEFT's own target matching and rank patterns."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+    from safetensors import safe_open
+
+    if getattr(adapter, "r", None) is None:
+        return []  # not LoRA: nothing here trains or checks it
+    with safe_open(str(weights), framework="pt") as tensors:
+        keys = list(tensors.keys())
+        ranks = {key.split(".lora_A.")[0].removeprefix("base_model.model."): tensors.get_slice(key).get_shape()[0]
+                 for key in keys if ".lora_A." in key}
+    differ = []
+    wrong_rank = {module: rank for module, rank in ranks.items()
+                  if rank != adapter.rank_pattern.get(get_pattern_key(adapter.rank_pattern.keys(), module), adapter.r)}
+    if wrong_rank:
+        differ.append(f"r is {adapter.r} but its tensors have rank {', '.join(map(str, sorted(set(wrong_rank.values()))))}")
+    untargeted = {module.rsplit(".", 1)[-1] for module in ranks if not check_target_module_exists(adapter, module)}
+    if untargeted:
+        differ.append(f"target_modules is {_shown(adapter.target_modules)} but its tensors also adapt "
+                      f"{', '.join(sorted(untargeted))}")
+    if bool(adapter.use_dora) != any("lora_magnitude_vector" in key for key in keys):
+        differ.append(f"use_dora is {adapter.use_dora} but its tensors {'lack' if adapter.use_dora else 'hold'} DoRA's "
+                      "magnitude vectors")
+    return differ
+
+
+def _shown(value) -> str:
+    """A setting as a message shows it: a set of module names sorted, and shortened past a few."""
+    if isinstance(value, (set, list, tuple)):
+        names = sorted(value)
+        return "[" + ", ".join(names[:6]) + (f", ... {len(names) - 6} more" if len(names) > 6 else "") + "]"
+    return repr(value)

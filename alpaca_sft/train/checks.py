@@ -32,7 +32,7 @@ def check_settings(script_args, training_args, model_args) -> list[str]:
     except SettingsError as err:
         problems.append(str(err))
         resume = None
-    for check in (_launch_problems(training_args), _source_problems(script_args, model_args),
+    for check in (_launch_problems(training_args), _source_problems(script_args, training_args, model_args),
                   _validation_problems(script_args), _training_problems(training_args),
                   _adapter_problems(script_args, training_args, model_args), _tracker_problems(training_args),
                   _output_problems(script_args, training_args, resume)):
@@ -57,8 +57,11 @@ def _launch_problems(training_args) -> list[str]:
     return []
 
 
-def _source_problems(script_args, model_args) -> list[str]:
+def _source_problems(script_args, training_args, model_args) -> list[str]:
     problems = []
+    if training_args.trust_remote_code:  # SFTConfig's: every load here passes trust_remote_code=False
+        problems.append("trust_remote_code: this pipeline never runs a model folder's own Python code; use a base "
+                        "whose type transformers has built in, and leave trust_remote_code false")
     if not model_args.model_name_or_path:
         problems.append("model_name_or_path is not set: give a Hub id or a local model folder")
     elif problem := model_problem(model_args.model_name_or_path, model_args.model_revision, need_tokenizer=True):
@@ -155,9 +158,10 @@ def _model_shape_problems(model_args) -> tuple[list[str], list[str]]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                            trust_remote_code=False)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except Exception:  # a Hub model not downloaded yet: the loader will say what is wrong
         return [], []
     targets = model_args.lora_target_modules
