@@ -105,13 +105,15 @@ def run_figures(results: Path, runs: list[str], speed: Path | None) -> dict:
     figures = {}
     for run in runs:
         summary = json.loads((results / f"summary-{run}.json").read_text())
-        as_trained = summary["validation"]["last"]
+        as_trained, first = summary["validation"]["last"], summary["validation"]["evaluations"][0]
         # One comparison.json per run, its model under "tuned"; with eval_compare.py's --tuned A B C, one
         # comparison.json for all, each model under its own name: held_out(shared, run).
         comparison = json.loads((results / f"comparison-{run}.json").read_text())
         merged, unmerged = (validated.get(run, {}).get(way, {}) for way in ("merged", "unmerged"))
         figures[run] = {
             "val_loss_as_trained": as_trained["loss"], "eos_top1_as_trained": as_trained["eos_top1"],
+            # before any step (LoRA's B is zero): the run's base alone, so an FP8 forward's own error
+            "val_loss_step0": first["loss"] if first["step"] == 0 else None,
             "val_loss_bf16_base": merged.get("loss"), "eos_top1_bf16_base": merged.get("eos_top1"),
             "val_loss_bf16_base_unmerged": unmerged.get("loss"),
             **held_out(comparison, "tuned"),
@@ -203,6 +205,8 @@ def report(args) -> dict:
     if missing:
         raise SystemExit(f"no comparison-{', '.join(missing)}.json in {args.results}: the bf16 seeds are the yardstick")
     figures = run_figures(args.results, runs, args.speed)
+    step0 = [f"{r} {figures[r]['val_loss_step0'] - figures[REFERENCE]['val_loss_step0']:+.4f}" for r in FP8_VARIANTS
+             if r in figures and None not in (figures[r]["val_loss_step0"], figures[REFERENCE]["val_loss_step0"])]
     text = "\n\n".join([
         f"FP8 variants against bf16's seed spread: {len(runs)} runs of recipes/gemma-3-270m-alpaca.yaml "
         f"(`bash bench/fp8_yardstick.sh`). Each cell: the value (its difference from {REFERENCE}; the difference "
@@ -213,7 +217,9 @@ def report(args) -> dict:
         "adapter: the adapter merged into the bf16 base, as users get it. Held-out figures: eval_compare.py, the "
         "merged bf16 model. bf16 runs' validation loss recomputed here with the adapter unmerged, against their own: "
         + ", ".join(f"{r} {figures[r]['val_loss_bf16_base_unmerged'] - figures[r]['val_loss_as_trained']:+.1e}"
-                    for r in BF16_RUNS if r in figures) + ".",
+                    for r in BF16_RUNS if r in figures and figures[r]["val_loss_bf16_base_unmerged"] is not None) + ".",
+        *([f"The FP8 forward's own error, validation loss at step 0 (before any step) against {REFERENCE}'s: "
+           + ", ".join(step0) + "."] if step0 else []),
     ])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")

@@ -100,7 +100,10 @@ def test_fp8_yardstick_table_measures_each_run_in_bf16_seed_spreads(tmp_path):
     results.mkdir()
 
     def write_run(name, as_trained, merged, stops, rate=None):
-        (results / f"summary-{name}.json").write_text(json.dumps({"validation": {"last": {"loss": as_trained, "eos_top1": 0.8}}}))
+        evaluations = [{"step": 0, "loss": 1.9835 + (0.0194 if name == "fp8" else 0)}, {"step": 177, "loss": as_trained,
+                                                                                    "eos_top1": 0.8}]
+        (results / f"summary-{name}.json").write_text(json.dumps({"validation": {"evaluations": evaluations,
+                                                                                "last": evaluations[-1]}}))
         ids = ["heldout_alpaca/line-1", "heldout_alpaca/line-2", "heldout_sql/line-1", "heldout_sql/line-2"]
         prompts = [{"id": i, "tuned": {"stop": "eos" if s else "length"}} for i, s in zip(ids, stops)]
         scores = {"stopped_by_eos": sum(stops) / 4, "sql_result_match": 0.0, "mean_new_tokens": 100.0}
@@ -135,3 +138,4 @@ def test_fp8_yardstick_table_measures_each_run_in_bf16_seed_spreads(tmp_path):
     assert rows["fp8-attention"].endswith("(1.02x) | not close, slow |")  # 2.8 spreads on the bf16 base's loss
     assert rows["fp8-down-bf16"].endswith("| n/a | close, speed not measured |")
     assert "held-out stop: heldout_sql" in rows["run"] and "0.0032" in rows["bf16 seed spread, \\|43 - 42\\|"]
+    assert "fp8 +0.0194, fp8-down-bf16 +0.0000, fp8-attention +0.0000." in (results / "fp8-yardstick.md").read_text()
