@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # The FP8 yardstick on the GPU machine, in one lease: one epoch of recipes/gemma-3-270m-alpaca.yaml on the real
 # base in bf16 with seeds 42 and 43 (their difference is the spread) and in each FP8 variant of
-# bench/fp8_yardstick.py with seed 42, all at once (a 270M model leaves most of an H100 idle); then, at once again,
-# each adapter merged into the bf16 base and judged on the held-out prompts (eval_compare.py) and every adapter's
-# validation loss on the bf16 base; one table of differences in seed spreads ($W/out/fp8-yardstick.md and .json). Run from the
-# repository root once the inputs are in place (bench/real_base_inputs.sh, calls 1-5; bitsandbytes unused), detached
-# so that one call starts it and later calls read $W/status:
+# bench/fp8_yardstick.py with seed 42, all at once (a 270M model leaves most of an H100 idle); then, at once
+# again, each adapter merged into the bf16 base and judged on the held-out prompts (eval_compare.py), and every
+# adapter's validation loss on the bf16 base; one table of differences in seed spreads ($W/out/fp8-yardstick.md
+# and .json). Run from the repository root once bench/real_base_inputs.sh's calls 1-5 brought the inputs,
+# detached, so that one call starts it and later calls read $W/status (about 10 minutes on an H100):
 #   bash bench/real_base_inputs.sh check && setsid nohup bash bench/fp8_yardstick.sh > /tmp/fy.log 2>&1 < /dev/null &
-# The 7B shape's tokens/s of the same variants, one call of its own (bench/speed.py; the table takes its folder):
-#   WORK=/tmp/smoke bash bench/inputs.sh && python bench/speed.py --model /tmp/smoke/mistral-7b \
-#     --data /tmp/smoke/alpaca.jsonl --steps 10 --rows 6000 --timeout 170 --out $OUT/speed/speed.md --configs \
-#     lora-recipe lora-fp8-recipe lora-fp8-down-bf16 lora-fp8-attention lora-fp8-bf16-input-grad
-#   python bench/fp8_yardstick.py table --results $W/out --speed $OUT/speed --out $W/out/fp8-yardstick.md
-# A rehearsal on a CPU with the tiny model (the bf16 runs only: FP8 trains on Hopper alone), minutes:
+#   cat /tmp/fy/status                       # until "all done"; then: cp -r /tmp/fy/out $OUT/fy
+# The 7B shape's tokens/s of the same variants (bench/speed.py), after bench/speed_inputs.sh's two calls put
+# FlashAttention-4 on the machine (without them: carry .whl-speed, install it, use `noenv`):
+#   WORK=/tmp/smoke bash bench/inputs.sh && PYTHONPATH=$(bash bench/speed_inputs.sh env) python bench/speed.py \
+#     --model /tmp/smoke/mistral-7b --data /tmp/smoke/alpaca.jsonl --steps 10 --rows 6000 --timeout 170 \
+#     --out $OUT/speed/speed.md --configs lora-recipe lora-fp8-recipe lora-fp8-down-bf16 lora-fp8-attention \
+#     lora-fp8-bf16-input-grad
+# and the table again with those rates, anywhere the two folders are:
+#   python bench/fp8_yardstick.py table --results fy --speed speed --out fy/fp8-yardstick.md
+# A rehearsal on a CPU with the tiny model (the bf16 runs only: FP8 trains on Hopper alone), ~10 minutes:
 #   BASE=build/tiny-mistral RUNS="bf16-seed42 bf16-seed43" FLAGS="--max_steps 3 --bf16 false --use_cpu true \
-#     --dtype float32 --validation_size 4 --max_length 512" MAX_NEW_TOKENS=16 W=/tmp/fy-rehearsal bash bench/fp8_yardstick.sh
+#     --dtype float32 --validation_size 4 --max_length 512 --max_train_rows 300" MAX_NEW_TOKENS=16 \
+#     W=/tmp/fy-rehearsal bash bench/fp8_yardstick.sh
 set -uo pipefail
 W=${W:-/tmp/fy}; mkdir -p "$W/out" "$W/runs" "$W/cmp"
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
