@@ -26,11 +26,15 @@ import torch
 import yaml
 
 from alpaca_sft.train.settings import cpu_overrides
+from fp8_yardstick import FP8_VARIANTS, speed_config
 
 CONFIGS = {  # name: (recipe, flags on top of it); "trl-*" are bench/trl_peers.py's peers. Run in this order.
     "lora-recipe": ("recipes/mistral-7b-lora.yaml", []),
     "lora-peft-forward": ("recipes/mistral-7b-lora.yaml", ["--fused_lora", "false"]),
     "lora-fp8-recipe": ("recipes/mistral-7b-lora-fp8.yaml", []),
+    # the FP8 variants of bench/fp8_yardstick.py, which judges their closeness to bf16 on the real base
+    **{speed_config(name): ("recipes/mistral-7b-lora-fp8.yaml", list(flags)) for name, flags in FP8_VARIANTS.items()
+       if name != "fp8"},
     # transformers' default: the loss of every micro-batch tested for NaN/inf on the host (a device sync each)
     "lora-nan-filter": ("recipes/mistral-7b-lora.yaml", ["--logging_nan_inf_filter", "true"]),
     # validation's cost: none at all, and an evaluation every 5 steps (the recipe: every 50, and at start and end)

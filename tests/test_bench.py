@@ -91,3 +91,51 @@ def test_step_gaps_charges_each_idle_stretch_to_the_host_work_beside_it():
     assert abs(result["gpu_idle_ms"] - 2.01) < 1e-9 and abs(result["idle_in_gaps_of_0.1_ms_or_more"] - 2.0) < 1e-9
     assert [(g["host_work"], g["gaps"]) for g in result["gaps_by_host_work"]] == [
         ("aten::item", 1), ("Optimizer.step#AdamW.step", 1)]
+
+
+def test_fp8_yardstick_table_measures_each_run_in_bf16_seed_spreads(tmp_path):
+    import fp8_yardstick
+
+    results = tmp_path / "out"
+    results.mkdir()
+
+    def write_run(name, as_trained, merged, stops, rate=None):
+        evaluations = [{"step": 0, "loss": 1.9835 + (0.0194 if name == "fp8" else 0)}, {"step": 177, "loss": as_trained,
+                                                                                    "eos_top1": 0.8}]
+        (results / f"summary-{name}.json").write_text(json.dumps({"validation": {"evaluations": evaluations,
+                                                                                "last": evaluations[-1]}}))
+        ids = ["heldout_alpaca/line-1", "heldout_alpaca/line-2", "heldout_sql/line-1", "heldout_sql/line-2"]
+        prompts = [{"id": i, "tuned": {"stop": "eos" if s else "length"}} for i, s in zip(ids, stops)]
+        scores = {"stopped_by_eos": sum(stops) / 4, "sql_result_match": 0.0, "mean_new_tokens": 100.0}
+        (results / f"comparison-{name}.json").write_text(json.dumps({"meta": {}, "scores": {"tuned": scores}, "prompts": prompts}))
+        if rate:
+            (tmp_path / "speed").mkdir(exist_ok=True)
+            (tmp_path / "speed" / f"{fp8_yardstick.speed_config(name)}.json").write_text(
+                json.dumps({"tokens_per_second": {"last_logged": rate}}))
+        return {"unmerged": {"loss": as_trained, "eos_top1": 0.8}, "merged": {"loss": merged, "eos_top1": 0.8}}
+
+    validated = {
+        "bf16-seed42": write_run("bf16-seed42", 1.7311, 1.7312, [1, 1, 1, 0], rate=17_613),
+        "bf16-seed43": write_run("bf16-seed43", 1.7279, 1.7280, [1, 1, 1, 1]),  # spreads: loss 0.0032, stop 0.25
+        "fp8": write_run("fp8", 1.7423, 1.7330, [1, 0, 1, 1], rate=22_876),  # 1.30x
+        "fp8-attention": write_run("fp8-attention", 1.7340, 1.7400, [1, 1, 1, 0], rate=18_000),
+        "fp8-down-bf16": write_run("fp8-down-bf16", 1.7330, 1.7320, [1, 1, 1, 0]),
+    }
+    (results / "validate.json").write_text(json.dumps(validated))
+    sys.argv = ["fp8_yardstick.py", "table", "--results", str(results), "--speed", str(tmp_path / "speed"),
+                "--out", str(results / "fp8-yardstick.md")]
+    fp8_yardstick.main()
+    result = json.loads((tmp_path / "out" / "fp8-yardstick.json").read_text())
+    fp8 = result["distances"]["fp8"]
+    assert fp8["val_loss_as_trained"]["spreads"] == pytest.approx(0.0112 / 0.0032)  # 3.5: the FP8 forward's own error
+    assert fp8["val_loss_bf16_base"]["spreads"] == pytest.approx(0.0018 / 0.0032)
+    assert fp8["stop_all"]["difference"] == 0 and fp8["stop_heldout_sql"]["spreads"] == pytest.approx(1.0)
+    # where the bf16 seeds agree there is no spread to measure in: the difference alone is given
+    assert fp8["stop_heldout_alpaca"]["spreads"] is None and fp8["stop_heldout_alpaca"]["difference"] == -0.5
+    rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "out" / "fp8-yardstick.md").read_text().splitlines()
+            if line.startswith("| ")}
+    assert "1.7423 (+0.0112; 3.5 spreads)" in rows["fp8"] and rows["fp8"].endswith("| 22,876 (1.30x) | **meets the target** |")
+    assert rows["fp8-attention"].endswith("(1.02x) | not close, slow |")  # 2.8 spreads on the bf16 base's loss
+    assert rows["fp8-down-bf16"].endswith("| n/a | close, speed not measured |")
+    assert "held-out stop: heldout_sql" in rows["run"] and "0.0032" in rows["bf16 seed spread, \\|43 - 42\\|"]
+    assert "fp8 +0.0194, fp8-down-bf16 +0.0000, fp8-attention +0.0000." in (results / "fp8-yardstick.md").read_text()

@@ -9,6 +9,12 @@ by one Triton kernel (amax, scale and cast in a single read of the tensor); q, k
 and up, read the same input, which is quantized once for them. LoRA's A and B (bf16 math, fp32
 weights), the norms, the embeddings and the LM head stay as in the bf16 recipe.
 
+Two settings trade some of the speed for closeness to the bf16 base (quantize_frozen_base's arguments):
+which adapted layers go to FP8 (`fp8_layers`: the others keep their bf16 weights and GEMMs), and whether the
+FP8 layers' input gradient runs in e4m3 or against the bf16 weight, kept for it beside the forward's e4m3 copy
+(`fp8_input_grad`). On the real Gemma-3-270m base, e4m3's rounding of the weights made most of the first step's
+loss error, and the MLP's layers most of that (bench/RESULTS.md).
+
 On CPUs and pre-Hopper GPUs torch's FP8 GEMM is either missing or emulated, so training refuses
 there (fp8_gemm_problem, below); the math runs on the CPU only for tests and for measuring an adapter's gap.
 """
@@ -21,7 +27,7 @@ import weakref
 import torch
 from torch import nn
 
-from .fused_lora import lora_gradients, save_for_lora_backward
+from .fused_lora import SHARED_INPUT_GROUPS, lora_gradients, save_for_lora_backward
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -175,21 +181,27 @@ _shared_input = _SharedInput()
 
 
 class Fp8FrozenLinear(nn.Module):
-    """A frozen nn.Linear, its weight held only in e4m3 (a bias, as Qwen2's q/k/v have, stays bf16 and is added
-    to the GEMM's output). The quantized weights are plain attributes, not parameters or buffers: DDP would
-    broadcast buffers from rank 0 at every step (each process quantizes the same weights to the same bytes), and
-    no checkpoint should hold them. They are made where the bf16 weight is, and Module.to() does not move them."""
+    """A frozen nn.Linear, its weight held in e4m3 (a bias, as Qwen2's q/k/v have, stays bf16 and is added to
+    the GEMM's output). With input_grad "bf16" the input gradient is computed against the bf16 weight, kept for
+    it instead of the second e4m3 layout (1.5x the bf16 weight's memory in all). The weights are plain
+    attributes, not parameters or buffers: DDP would broadcast buffers from rank 0 at every step (each process
+    quantizes the same weights to the same bytes), and no checkpoint should hold them. They are made where the
+    bf16 weight is, and Module.to() does not move them."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, input_grad: str = "fp8"):
         super().__init__()
         weight = linear.weight.detach()
         self.bias = linear.bias.detach() if linear.bias is not None else None
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_q, scale = quantize_rows(weight)  # N x K, one scale per output channel
         self.weight_scale = scale.t().contiguous()  # 1 x N: scales the GEMM's output columns
-        weight_t_q, scale_t = quantize_rows(weight.t())  # K x N, one scale per input channel
-        self.weight_t_q, self.weight_t_scale = weight_t_q.contiguous(), scale_t.t().contiguous()
-        self.input_read_again = False  # set by quantize_frozen_base: a sibling reads this layer's input next
+        self.weight_bf16 = self.weight_t_q = self.weight_t_scale = None
+        if input_grad == "bf16":
+            self.weight_bf16 = weight
+        else:
+            weight_t_q, scale_t = quantize_rows(weight.t())  # K x N, one scale per input channel
+            self.weight_t_q, self.weight_t_scale = weight_t_q.contiguous(), scale_t.t().contiguous()
+        self.input_read_again = False  # set by quantize_frozen_base: a sibling in FP8 reads this layer's input next
 
     @staticmethod
     def can_hold(module: nn.Module) -> bool:
@@ -211,7 +223,9 @@ class Fp8FrozenLinear(nn.Module):
         return _Fp8LoraLinear.apply(x.to(torch.bfloat16), self, lora_a, lora_b, scale)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weight=e4m3 (per-channel scales)"
+        input_grad = "e4m3" if self.weight_bf16 is None else "bf16"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weight=e4m3 (per-channel scales), "
+                f"input gradient against the {input_grad} weight")
 
 
 class _Fp8LoraLinear(torch.autograd.Function):
@@ -242,33 +256,39 @@ class _Fp8LoraLinear(torch.autograd.Function):
             return grad_x, None, None, None, None
         g, grad_xa, a, grad_a, grad_b = lora_gradients(ctx, grad_out)
         if ctx.needs_input_grad[0]:
-            grad_x = add_low_rank_(_input_grad(base, g), grad_xa, a).view(ctx.x_shape)
+            grad_x = _input_grad(base, g, grad_xa, a).view(ctx.x_shape)
         return grad_x, None, grad_a, grad_b, None
 
 
-def _input_grad(base: Fp8FrozenLinear, g: torch.Tensor) -> torch.Tensor:
-    """g W for output-gradient rows g, through the FP8 copy of W^T."""
+def _input_grad(base: Fp8FrozenLinear, g: torch.Tensor, grad_xa=None, a=None) -> torch.Tensor:
+    """g W for output-gradient rows g, plus LoRA's (g B scale) A where given: through the FP8 copy of W^T, or
+    with the bf16 weight in a bf16 GEMM that accumulates onto LoRA's rank-r product (beta=1), as the bf16
+    recipe's does."""
+    if base.weight_bf16 is not None:
+        return g @ base.weight_bf16 if grad_xa is None else (grad_xa @ a).addmm_(g, base.weight_bf16)
     gq, g_scale = quantize_activation(g)
-    return fp8_matmul(gq, g_scale, base.weight_t_q, base.weight_t_scale, FAST_ACCUMULATION_INPUT_GRAD)
+    grad_x = fp8_matmul(gq, g_scale, base.weight_t_q, base.weight_t_scale, FAST_ACCUMULATION_INPUT_GRAD)
+    return grad_x if grad_xa is None else add_low_rank_(grad_x, grad_xa, a)
 
 
-# Layers whose input the next layer called reads too, in Llama-family decoders (Mistral's among them):
-# q then k then v, gate then up. A model that calls them otherwise is still right (see _SharedInput).
-READ_AGAIN_BY_NEXT = ("q_proj", "k_proj", "gate_proj")
-
-
-def quantize_frozen_base(model: nn.Module) -> int:
-    """Put every LoRA-adapted frozen bf16 linear layer of `model` (a PEFT model, on its device) in
-    FP8, freeing its bf16 weight layer by layer (the peak never holds both); returns how many.
-    Layers without an adapter (the LM head) keep their weights."""
+def quantize_frozen_base(model: nn.Module, layers: list[str] | None = None, input_grad: str = "fp8") -> int:
+    """Put the LoRA-adapted frozen bf16 linear layers of `model` (a PEFT model, on its device) named in
+    `layers` (by the last part of their names: q_proj, down_proj; None: every one) in FP8, their input
+    gradients in `input_grad` ("fp8" or "bf16"), freeing each bf16 weight as it goes where input_grad is
+    "fp8" (the peak never holds both); returns how many. Layers without an adapter (the LM head) keep theirs."""
     from peft.tuners.lora import LoraLayer
 
-    converted = 0
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
-        if Fp8FrozenLinear.can_hold(layer.base_layer):
-            layer.base_layer = Fp8FrozenLinear(layer.base_layer)
-            layer.base_layer.input_read_again = name.rsplit(".", 1)[-1] in READ_AGAIN_BY_NEXT
-            converted += 1
-    if converted and torch.cuda.is_available():
+    chosen = {name: layer for name, layer in model.named_modules()
+              if isinstance(layer, LoraLayer) and (layers is None or name.rsplit(".", 1)[-1] in layers)
+              and Fp8FrozenLinear.can_hold(layer.base_layer)}
+    for layer in chosen.values():
+        layer.base_layer = Fp8FrozenLinear(layer.base_layer, input_grad)
+    for name, layer in chosen.items():
+        # q, k and v (gate and up) read one input one after another: a layer keeps its quantized input for
+        # the siblings after it, where one of them is in FP8 too (kept for none, it would outlive its readers)
+        parent, _, own = name.rpartition(".")
+        later = next((group[group.index(own) + 1:] for group in SHARED_INPUT_GROUPS if own in group), ())
+        layer.base_layer.input_read_again = any(f"{parent}.{sibling}" in chosen for sibling in later)
+    if chosen and torch.cuda.is_available():
         torch.cuda.empty_cache()  # the freed bf16 weights, back to the allocator's pool for activations
-    return converted
+    return len(chosen)

@@ -39,7 +39,7 @@ def quantized_gap(base: str, adapter_dir: Path, recorded: dict, tokenizer, probe
                   merged_logits: torch.Tensor) -> dict:
     """For an adapter trained on a quantized base (QLoRA's 4-bit, or FP8): how far the merged
     full-precision model is from what was trained, the base quantized as the run recorded it
-    (train_config.yaml: through TRL's own get_quantization_config, or fp8_base, as training did)
+    (train_config.yaml: through TRL's own get_quantization_config, or fp8_base and fp8_layers, as training did)
     plus the adapter."""
     from dataclasses import fields
 
@@ -54,13 +54,16 @@ def quantized_gap(base: str, adapter_dir: Path, recorded: dict, tokenizer, probe
     model = load_model(base, dtype, device=this_process_device(),
                        quantization_config=get_quantization_config(model_args))
     model = PeftModel.from_pretrained(model, str(adapter_dir))
-    if fp8:  # as training ran it (the CPU emulates FP8's GEMMs: same numbers, slowly)
-        quantize_frozen_base(model)
+    measured = {}
+    if fp8:  # as training ran it, its layers chosen as recorded (the CPU emulates FP8's GEMMs: same numbers, slowly)
+        measured["layers_in_fp8"] = quantize_frozen_base(model, recorded.get("fp8_layers"),
+                                                         recorded.get("fp8_input_grad", "fp8"))
         fuse_lora(model)
     trained = logits_on(model, tokenizer, probe_texts)
     gap = (trained - merged_logits.to(trained.device)).abs()
     agree = (trained.argmax(-1) == merged_logits.to(trained.device).argmax(-1)).float().mean().item()
-    return {"max_abs_logit_diff": gap.max().item(), "mean_abs_logit_diff": gap.mean().item(), "top1_agreement": agree}
+    return {**measured, "max_abs_logit_diff": gap.max().item(), "mean_abs_logit_diff": gap.mean().item(),
+            "top1_agreement": agree}
 
 
 def save_merged(model, tokenizer, folder: Path) -> Path:

@@ -29,13 +29,14 @@ TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
 # checkpointed. Logging, evaluation, saving and output settings may change.
 RESULT_SHAPING = (
     "model_name_or_path", "model_revision", "dtype", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
-    "use_bnb_nested_quant", "fp8_base", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-    "use_rslora", "use_dora", "dataset_name", "dataset_split", "mix_dataset_name", "mix_share", "max_train_rows",
-    "drop_invalid_rows", "overlong_policy", "validation_size", "validation_seed", "validation_file", "max_length",
-    "packing", "packing_strategy", "padding_free", "completion_only_loss", "loss_type", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
-    "warmup_ratio", "weight_decay", "max_grad_norm", "num_train_epochs", "max_steps", "seed", "data_seed", "optim",
-    "adam_beta1", "adam_beta2", "adam_epsilon",
+    "use_bnb_nested_quant", "fp8_base", "fp8_layers", "fp8_input_grad", "use_peft", "lora_r", "lora_alpha",
+    "lora_dropout", "lora_target_modules", "use_rslora", "use_dora", "dataset_name", "dataset_split",
+    "mix_dataset_name", "mix_share", "max_train_rows", "drop_invalid_rows", "overlong_policy", "validation_size",
+    "validation_seed", "validation_file", "max_length", "packing", "packing_strategy", "padding_free",
+    "completion_only_loss", "loss_type", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay",
+    "max_grad_norm", "num_train_epochs", "max_steps", "seed", "data_seed", "optim", "adam_beta1", "adam_beta2",
+    "adam_epsilon",
 )
 
 

@@ -37,7 +37,8 @@ def check_settings(script_args, training_args, model_args) -> list[str]:
                   _adapter_problems(script_args, training_args, model_args), _tracker_problems(training_args),
                   _output_problems(script_args, training_args, resume)):
         problems += check
-    shape_problems, warnings = _model_shape_problems(model_args) if not problems else ([], [])
+    fp8_layers = script_args.fp8_layers if script_args.fp8_base else None
+    shape_problems, warnings = _model_shape_problems(model_args, fp8_layers) if not problems else ([], [])
     problems += shape_problems
     if problems:
         raise settings_error(problems)
@@ -150,9 +151,10 @@ def _adapter_problems(script_args, training_args, model_args) -> list[str]:
     return problems
 
 
-def _model_shape_problems(model_args) -> tuple[list[str], list[str]]:
+def _model_shape_problems(model_args, fp8_layers: list[str] | None = None) -> tuple[list[str], list[str]]:
     """From the base's config alone (its layers built on the meta device): LoRA target modules that match no
-    layer, and a rank no adapted layer can hold. Skipped where the config cannot be read without a download."""
+    layer, FP8 layers that name no adapted one, and a rank no adapted layer can hold. Skipped where the config
+    cannot be read without a download."""
     if not model_args.use_peft:
         return [], []
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -178,14 +180,25 @@ def _model_shape_problems(model_args) -> tuple[list[str], list[str]]:
         names = sorted({n.rsplit(".", 1)[-1] for n in layers})
         return [f"lora_target_modules={targets}: no linear layer of {model_args.model_name_or_path} matches "
                 f"(its layers: {', '.join(names)})"], []
+    problems = _fp8_layer_problems(fp8_layers, matched)
     smallest = min(min(m.in_features, m.out_features) for m in matched.values())
     if model_args.lora_r > smallest:
-        return [f"lora_r={model_args.lora_r}: more than the smallest adapted layer's {smallest} dimensions, so the "
-                "update is no longer low-rank (the full weight would be smaller); LoRA ranks are 8-64"], []
+        return problems + [f"lora_r={model_args.lora_r}: more than the smallest adapted layer's {smallest} dimensions, "
+                           "so the update is no longer low-rank (the full weight would be smaller); LoRA ranks are 8-64"], []
     if model_args.lora_r > smallest // 2:
-        return [], [f"lora_r={model_args.lora_r}: more than half the smallest adapted layer's {smallest} "
-                    "dimensions: an adapter that large costs nearly what full fine-tuning does"]
-    return [], []
+        return problems, [f"lora_r={model_args.lora_r}: more than half the smallest adapted layer's {smallest} "
+                          "dimensions: an adapter that large costs nearly what full fine-tuning does"]
+    return problems, []
+
+
+def _fp8_layer_problems(fp8_layers: list[str] | None, adapted: dict) -> list[str]:
+    """fp8_layers' names that match no adapted layer: a misspelt one would leave its layers in bf16, unsaid."""
+    names = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    unknown = [name for name in fp8_layers or () if name not in names]
+    if unknown:
+        return [f"fp8_layers: {', '.join(unknown)} is not an adapted layer of this model; its adapted layers are "
+                f"{', '.join(names)}"]
+    return []
 
 
 def _warnings(training_args) -> list[str]:

@@ -72,11 +72,13 @@ def build_trainer(script_args, training_args, model_args, tokenizer, dataset, ev
     if model_args.use_peft and script_args.fused_lora:
         fuse_lora(trainer.model)
     if script_args.fp8_base:  # after the Trainer placed the model: each bf16 weight is freed as it is quantized
-        converted = quantize_frozen_base(trainer.model)
+        converted = quantize_frozen_base(trainer.model, script_args.fp8_layers, script_args.fp8_input_grad)
         adapted = sum(isinstance(m, LoraLayer) for m in trainer.model.modules())
+        chosen = f"fp8_layers: {' '.join(script_args.fp8_layers)}" if script_args.fp8_layers else "every adapted layer"
+        left = "" if converted == adapted else "; the others stay bf16: not chosen, or sizes not multiples of 16"
         if trainer.accelerator.is_main_process:
-            print(f"fp8_base: {converted} of the {adapted} adapted linear layers in FP8"
-                  + ("" if converted == adapted else " (the others' sizes are not multiples of 16: they stay bf16)"))
+            print(f"fp8_base: {converted} of the {adapted} adapted linear layers in FP8 ({chosen}{left}), input "
+                  f"gradients in {script_args.fp8_input_grad}")
     return trainer
 
 

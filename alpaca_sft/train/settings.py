@@ -90,6 +90,18 @@ class ScriptArguments:
         metadata={"help": "The frozen base's adapted linear layers in FP8 (e4m3, per-channel scales; Hopper GPUs or newer); "
                           "LoRA, norms, embeddings, LM head stay bf16. Speed: bench/RESULTS.md."},
     )
+    fp8_layers: list[str] | None = field(
+        default=None,
+        metadata={"help": "With fp8_base: the adapted layers that go to FP8, by name (q_proj k_proj v_proj o_proj "
+                          "gate_proj up_proj down_proj); the others keep their bf16 weights and GEMMs: closer to bf16, "
+                          "slower. Unset: every adapted layer. Each choice measured: bench/RESULTS.md."},
+    )
+    fp8_input_grad: Literal["fp8", "bf16"] = field(
+        default="fp8",
+        metadata={"help": "With fp8_base: the FP8 layers' input-gradient GEMM in e4m3 ('fp8'), or in bf16 against the "
+                          "bf16 weight, kept for it beside the forward's e4m3 copy ('bf16': exact input gradients of the "
+                          "FP8 forward, slower, 1.5x those layers' bf16 weight memory)."},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace the run an output_dir holds: its adapter, record and checkpoints are "
                                          "removed before this run writes anything."}
@@ -124,6 +136,12 @@ class ScriptArguments:
                             "it makes up, between 0 and 1 (0.25)")
         if self.mix_share and not self.mix_dataset_name:
             problems.append(f"mix_share={self.mix_share:g} without mix_dataset_name: name the data set to mix in")
+        if not self.fp8_base and (self.fp8_layers is not None or self.fp8_input_grad != "fp8"):
+            problems.append("fp8_layers and fp8_input_grad choose how the base runs in FP8, and fp8_base is off: "
+                            "set fp8_base: true, or leave them out")
+        if self.fp8_layers is not None and not self.fp8_layers:
+            problems.append("fp8_layers is empty: name the layers to put in FP8, or leave it unset for every adapted "
+                            "layer (or set fp8_base: false for none)")
         if problems:
             raise settings_error(problems)
 
