@@ -556,24 +556,19 @@ def fault(point, *args):
 
 
 @pytest.mark.slow
-def test_a_kill_during_the_merged_save_leaves_nothing_that_looks_whole(tiny_model_dir, adapter_dir, prompt_file, tmp_path):
+def test_a_kill_during_the_merged_save_leaves_nothing_that_looks_whole(tiny_model_dir, adapter_dir, prompt_file, tmp_path,
+                                                                       capsys):
     out = tmp_path / "cmp"
-    flags = ["--base", tiny_model_dir, "--tuned", adapter_dir, "--prompts", prompt_file, "--output_dir", out,
-             "--max_new_tokens", 4]
-    killed = fault("inside_merged_save", *flags)
+    flags = ["--base", tiny_model_dir, "--prompts", prompt_file, "--max_new_tokens", 4]
+    killed = fault("inside_merged_save", *flags, "--tuned", adapter_dir, "--output_dir", out)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (out / "merged").exists() and not (out / "comparison.json").exists()
     (half,) = [p for p in out.iterdir() if (p / "config.json").is_file()]  # the merged model as the kill left it
-    again = subprocess.run([sys.executable, str(REPO / "eval_compare.py"), *map(str, flags[:2]), "--tuned", str(half),
-                            *map(str, flags[4:6]), "--output_dir", str(tmp_path / "b")], capture_output=True, text=True,
-                           timeout=300)
-    assert again.returncode == 1 and "had not finished writing" in again.stderr and "generating" not in again.stdout
-    assert "Traceback" not in again.stderr
-    result = subprocess.run([sys.executable, str(REPO / "eval_compare.py"), *map(str, flags)], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"removed what a stopped run left: {half.name}" in result.stdout
-    assert not [p for p in out.rglob(".tmp*")] and (out / "merged" / "merge.json").is_file()
+    code, said, err = cli(capsys, *flags, "--tuned", half, "--output_dir", tmp_path / "b")
+    assert code == 1 and "had not finished writing" in err and "generating" not in said
+    code, said, _ = cli(capsys, *flags, "--tuned", adapter_dir, "--output_dir", out)  # the next run into the folder
+    assert code == 0 and f"removed what a stopped run left: {half.name}" in said
+    assert not list(out.rglob(".tmp*")) and (out / "merged" / "merge.json").is_file()
 
 
 @pytest.mark.slow
