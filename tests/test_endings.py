@@ -30,7 +30,8 @@ def test_an_answer_that_stopped_by_eos_is_eos_whatever_it_holds():
 @pytest.mark.parametrize("text,line", [
     # The untuned base answers, then writes blocks of the template (README: the showcase's "before")
     ("The class has a frequency of 91.5 MHz.\n\n### Output:\nWhich class?\n\n### Input:\nWhich class?\n\n### Con",
-     "### Input:"),
+     "### Output:"),  # a heading in the template's layout that the template does not have
+    ("Responsive design adapts.\n\n### Task:\nDescribe the design.\n\n### Task:\nDescribe", "### Task:"),
     ("SELECT a FROM t\n\n### Response:\nSELECT a FROM t", "### Response:"),
     # ...or the prompt's own preamble again, as a new example
     ("C, D and E.\n\nBelow is an instruction that describes a task. Write a response that appropriately",
@@ -54,6 +55,12 @@ def test_a_verbatim_prompts_own_layout_repeated_is_a_run_on():
     ("Some intro. " + ("The piano has eighty-eight keys, fifty-two white and thirty-six black. " * 4)[:-9],
      "The piano has eighty-eight keys, fifty-two white and thirty-six black. "),  # a long span, cut in its 4th copy
     ("Done.\n" + "\n" * 40, "\n"),  # newlines to the limit
+    ("SELECT COUNT(*) FROM t WHERE x = 1000000000000000000000000000000000000000000000000000", "0"),
+    # numbers aside: the same item renumbered, a join chain with its aliases counting up, counting itself
+    ("Tips:\n" + "\n".join(f"{i}. Eat a variety of healthy fats" for i in range(1, 47)) + "\n4", "#. Eat a variety of healthy fats\n"),
+    ("SELECT * FROM m AS T1 " + " ".join(f"JOIN CAR_MAKERS AS T{i + 1} ON T{i}.Id = T{i + 1}.Model" for i in range(1, 9)),
+     " JOIN CAR_MAKERS AS T# ON T#.Id = T#.Model"),
+    ("\n".join(str(n) for n in range(1, 300)), "#\n"),
 ])
 def test_an_answer_whose_tail_repeats_one_span_looped(text, span):
     result = ending(text)
@@ -64,10 +71,11 @@ def test_an_answer_whose_tail_repeats_one_span_looped(text, span):
 
 @pytest.mark.parametrize("text", [
     RECIPE + "\n7. Serve with cr",  # a real list, numbered: each item differs
-    "\n".join(str(n) for n in range(1, 300)),  # counting: the numbers differ, only list numbers are alike
+    "Pi is 3.14159265358979323846264338327950288419716939937510582097494459230781640628620899862803482534211706798",
     "The piano is a keyboard instrument whose strings are struck by hammers; it was invented around 1700 by "
     "Bartolomeo Cristofori in Florence, and its range of seven octaves and a minor third lets it play",
     "| key | colour |\n|---|---|---|---|",  # a table rule: short repeats are not loops
+    "## Steps\n\n### Step 1: Preheat the oven\n\nSet it to 180 C and wait until the light goes out, then",  # headings
     "Wait for it......",
     "Ha ha ha ha ha ha",  # under LOOP_MIN_CHARS
     ("Two copies of one long sentence are not yet a loop. " * 2)[:-3],

@@ -3,13 +3,14 @@
 Pure functions of the answer's text, how generation stopped and the prompt. The classes, first match wins:
 
 - `eos`: generation stopped at the model's EOS token, whatever the text holds.
-- `ran_on`: a line of the answer starts with a marker of a new prompt block: the template's own markers
-  ("### Instruction:", "### Input:", "### Context:", "### Response:", as data/template.py writes them) or a
-  header line of this prompt's own layout (a line of at most four words ending in ":", such as "Question:"),
-  or the answer repeats the prompt's opening line (its preamble). The untuned base writes such blocks.
-- `looped`: the answer's tail is one span repeated back to back: the last max(3 x span, 32) characters
-  are periodic with the span's length (the copy at the cut may be partial). List numbers at a line start
-  count as the same ("1. A Major" and "2. A Major" repeat one item), other digits do not.
+- `ran_on`: a line of the answer opens a new prompt block: a line in the template's layout, a `###` heading that
+  ends in ":" ("### Input:", "### Response:", and the "### Output:", "### Task:" or "### Explanation:" an untuned
+  base invents), a header line of this prompt's own (a line of at most four words ending in ":", such as
+  "Answer:"), or the prompt's opening line (its preamble) again.
+- `looped`: the answer's tail is one span repeated back to back: its last max(3 x span, 32) characters are
+  periodic with the span's length (the copy at the cut may be partial), numbers aside (every number of up to
+  six digits counts as the same, so "44. Eat fruit" and "45. Eat fruit", "T23 ON T22.Id" and "T24 ON T23.Id"
+  repeat one span; an answer that counts to the limit is one line repeated too).
 - `cut`: the length limit ended an answer that is none of the above (a long answer cut short).
 """
 
@@ -25,7 +26,8 @@ CLASSES = (EOS, RAN_ON, LOOPED, CUT)
 LOOP_MIN_COPIES = 3
 LOOP_MIN_CHARS = 32  # below this a repeat is a table rule or an ellipsis ("|---|---|", "......"), not a loop
 TEMPLATE_MARKERS = tuple(sorted(set(re.findall(r"(?m)^### [A-Za-z]+:", PROMPT_WITH_INPUT + PROMPT_SQL))))
-LIST_NUMBER = re.compile(r"(?m)^([ \t]*)\d+([.)])")
+BLOCK_HEADING = re.compile(r"^#{1,6} [A-Z][A-Za-z ]{0,30}:$")  # the template's layout: "### Word:" alone on a line
+NUMBER = re.compile(r"(?<!\d)\d{1,6}(?!\d)")  # longer runs are data: "0000000000" loops by itself, pi's digits do not
 PREAMBLE_CHARS = 40  # a prompt's opening line is matched on its first 40 characters
 
 
@@ -59,14 +61,15 @@ def new_block_line(text: str, prompt: str) -> str | None:
     headers, preamble = layout_markers(prompt)
     for line in text.splitlines():
         stripped = line.strip()
-        if any(stripped.startswith(h) for h in headers) or (preamble and stripped.startswith(preamble)):
+        if (BLOCK_HEADING.match(stripped) or any(stripped.startswith(h) for h in headers)
+                or (preamble and stripped.startswith(preamble))):
             return stripped
     return None
 
 
 def repeated_tail(text: str) -> tuple[str, int] | None:
     """(span, whole copies) when the text's tail is one span repeated back to back, the shortest such span; else None."""
-    normalized = LIST_NUMBER.sub(r"\1#\2", text)
+    normalized = NUMBER.sub("#", text)
     size = len(normalized)
     for period in range(1, size // LOOP_MIN_COPIES + 1):
         needed = max(LOOP_MIN_COPIES * period, LOOP_MIN_CHARS)
