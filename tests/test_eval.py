@@ -285,8 +285,8 @@ def test_qlora_adapter_is_merged_in_full_precision_and_its_gap_reported(tiny_mod
           "--learning_rate", 1e-2, "--dtype", "bfloat16")
     run_eval("--base", tiny_model_dir, "--tuned", tmp_path / "qlora", "--prompts", prompt_file,
              "--output_dir", tmp_path / "cmp", "--max_new_tokens", 4)
-    meta = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["meta"]
-    gap = meta["qlora_gap"]
+    report = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    meta, gap = report["meta"], report["models"]["qlora"]["qlora_gap"]
     # The 4-bit base the run recorded (NF4 of the tiny model's wide random weights) is a coarse copy of the
     # float32 base the adapter is merged into: the logits differ, and the next-token choices agree (31% here)
     # far above the chance of two unrelated models (1 in 32,000).
@@ -312,9 +312,9 @@ def test_fp8_trained_adapter_is_merged_in_full_precision_and_its_gap_reported(ti
     (tuned / "train_config.yaml").write_text(yaml.safe_dump({**config, "fp8_base": True}))
     run_eval("--base", tiny_model_dir, "--tuned", tuned, "--prompts", prompt_file, "--output_dir", tmp_path / "cmp",
              "--max_new_tokens", 4)
-    meta = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["meta"]
-    gap = meta["fp8_gap"]
-    assert "qlora_gap" not in meta and "FP8 base + adapter vs merged float32 model" in capsys.readouterr().out
+    model = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["models"]["fp8-run"]
+    gap = model["fp8_gap"]
+    assert "qlora_gap" not in model and "fp8-run: FP8 base + adapter vs merged float32 model" in capsys.readouterr().out
     # e4m3's rounding of the tiny model's wide weights moves its logits (mean 0.22 here; a bf16 base
     # without FP8 would give 0.03), and its next-token choices still mostly agree with the merged fp32
     # model's (77% here; unrelated models: 1 in 32,000)
