@@ -1,16 +1,20 @@
-"""Compare a base model with its tuned version on the same prompts, greedy; merge and push.
+"""Compare a base model with tuned versions of it on the same prompts, greedy; merge and push.
 
     python eval_compare.py --base mistralai/Mistral-7B-v0.1 --tuned runs/mistral-7b-lora
     python eval_compare.py --base mistralai/Mistral-7B-v0.1 --tuned runs/mistral-7b-lora --push_to_hub me/mistral-7b-alpaca
+    python eval_compare.py --base mistralai/Mistral-7B-v0.1 --tuned runs/bf16 runs/fp8 --output_dir runs/bf16-vs-fp8
 
 --tuned is the output_dir of train_sft.py (a LoRA adapter trained on a bf16, FP8 or 4-bit base, merged
-here into a full-precision load of the base) or an already merged model. Writes comparison.md,
-comparison.json and the merged model to --output_dir (default: <tuned>-comparison, beside the
-folder evaluated, never inside it) and prints both models side by side.
+here into a full-precision load of the base) or an already merged model; several are compared in one
+run, the base generated once, a column per model. Writes comparison.md, comparison.json and the merged
+models to --output_dir (default with one --tuned: <tuned>-comparison, beside the folder evaluated, never
+inside it; merged/ holds the merged model, or merged/<name>/ each of several) and prints the models side
+by side.
 """
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 import warnings
@@ -23,9 +27,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing", category=FutureWarning)
 
 
-from alpaca_sft.eval.prompts import PromptFileError, read_prompt_files
-from alpaca_sft.eval.report import side_by_side, summary_table, write_report
-from alpaca_sft.eval.scoring import score
+from alpaca_sft.eval.comparison_dir import ComparisonDir, ComparisonDirError, Interrupted, unfinished_merge
+from alpaca_sft.eval.prompts import ContextError, PromptFileError, check_lengths, read_prompt_files
+from alpaca_sft.eval.report import model_names, report_texts, side_by_side, tables
+from alpaca_sft.eval.scoring import paired_tests, score
 from alpaca_sft.models.generation import generate
 from alpaca_sft.models.loading import load_model, this_process_device
 from alpaca_sft.models.tokenizer import TokenizerError, load_tokenizer
@@ -33,6 +38,7 @@ from alpaca_sft.release.card import model_card
 from alpaca_sft.release.merge import logits_on, merge, quantized_gap, save_merged
 from alpaca_sft.release.pairing import PairError, inspect_pair
 from alpaca_sft.release.push import PushError, check_can_push, push
+from alpaca_sft.train.settings import SettingsError
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -40,20 +46,30 @@ DTYPES = ("bfloat16", "float16", "float32")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="base model: Hub id or local folder")
-    parser.add_argument("--tuned", required=True, help="adapter folder (train_sft.py output_dir) or merged model folder")
+    parser.add_argument("--tuned", required=True, nargs="+",
+                        help="one or more adapter folders (train_sft.py output_dir) or merged model folders")
     parser.add_argument("--prompts", nargs="+", default=["data/eval_prompts.jsonl"],
                         help="JSONL files: instruction/input, question/context/answer or prompt, optional reference and schema")
-    parser.add_argument("--output_dir", default=None, help="default: <tuned>-comparison")
+    parser.add_argument("--output_dir", default=None, help="default with one --tuned: <tuned>-comparison; needed with several")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=128,
                         help="prompts generated at once, in batches of similar length (bench/RESULTS.md: prompts per second)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--allow_other_base", action="store_true", help="merge an adapter into a base it was not trained on")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the merged model, tokenizer and card")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the merged model, tokenizer and card (one --tuned)")
     parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
     args = parser.parse_args(argv)
+    args.command = "python eval_compare.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.max_new_tokens <= 0 or args.batch_size <= 0:
         parser.error("--max_new_tokens and --batch_size must be positive")
+    resolved = [Path(t).resolve() for t in args.tuned]
+    if len(set(resolved)) < len(resolved):
+        parser.error("--tuned names one folder more than once")
+    if len(args.tuned) > 1 and args.output_dir is None:
+        parser.error("with several --tuned, give --output_dir: the folder their comparison and merged models go to")
+    if len(args.tuned) > 1 and args.push_to_hub:
+        parser.error("--push_to_hub uploads one merged model: give one --tuned (each merged model can be uploaded "
+                     "later with hf upload REPO_ID <output_dir>/merged/<name>)")
     if args.push_to_hub:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -64,64 +80,138 @@ def parse_args(argv=None):
     return args
 
 
+def tuned_runs(args) -> dict:
+    """Each --tuned folder by its column name, checked against --base before anything large loads."""
+    runs = {}
+    for name, path in zip(model_names(args.tuned), args.tuned):
+        if Path(path).is_dir() and (problem := unfinished_merge(Path(path))):
+            raise PairError(problem)
+        runs[name] = inspect_pair(args.base, path, args.allow_other_base)
+    return runs
+
+
+def check_output_dir(output_dir: Path, base: str, runs: dict) -> None:
+    """The comparison's folder is none of the models' and holds none of them: publishing replaces its merged/."""
+    out = output_dir.resolve()
+    for flag, given in [("--base", Path(base))] + [("--tuned", run.path) for run in runs.values()]:
+        if not given.exists():
+            continue  # a Hub id
+        inside = given.resolve() == out or given.resolve() in out.parents
+        if inside or out in given.resolve().parents:
+            raise ComparisonDirError(f"--output_dir {output_dir} {'is inside' if inside else 'holds'} {flag} {given}: "
+                                     "give an --output_dir apart from the models compared")
+
+
+def context_of(name_or_path: str) -> int | None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def merge_run(args, name: str, run, base_model, tokenizer, probes: list[str], staged: Path, final: Path, dtype: str):
+    """The adapter merged into base_model and saved to `staged`; returns the model and what models[name] records."""
+    started = time.perf_counter()
+    model, gap = merge(base_model, run.path, tokenizer, probes)
+    save_merged(model, tokenizer, staged)
+    record = {"path": str(run.path), "merged_to": str(final), "merge_max_abs_logit_diff": gap,
+              "merge_and_save_seconds": round(time.perf_counter() - started, 1)}
+    print(f"{name}: merged into a {dtype} base: max |logit(base+adapter) - logit(merged)| = {gap:.2e}; saved to {final}")
+    if run.trained_in_4bit or run.trained_in_fp8:
+        key, trained = ("qlora_gap", "QLoRA: 4-bit") if run.trained_in_4bit else ("fp8_gap", "FP8")
+        record[key] = quantized_gap(args.base, run.path, run.record.config, tokenizer, probes,
+                                    logits_on(model, tokenizer, probes))
+        print(f"{name}: {trained} base + adapter vs merged {dtype} model: {record[key]}")
+    return model, record
+
+
+def generate_all(args, prompts, runs: dict, tokenizers: dict, folder: ComparisonDir, device: str, dtype: str):
+    """The base's answers, then each tuned model's: an adapter merged into a load of the base (the one that
+    generated, for the first) and staged in the folder, a merged model loaded as it is. Returns the answers,
+    what models[name] records, and where each merged model is staged."""
+    texts, first = [p.prompt for p in prompts], next(iter(runs))
+    print(f"base model {args.base}: generating for {len(prompts)} prompts")
+    model = load_model(args.base, dtype, device=device).eval()
+    generations = {"base": generate(model, tokenizers[first], texts, args.max_new_tokens, args.batch_size)}
+    models, staged = {"base": {"path": args.base}}, {}
+    for name, run in runs.items():
+        if run.is_adapter:
+            staged[name], final = folder.stage_model(name if len(runs) > 1 else None)
+            base_model = model if model is not None else load_model(args.base, dtype, device=device).eval()
+            model, models[name] = merge_run(args, name, run, base_model, tokenizers[name], texts[:4], staged[name],
+                                            final, dtype)
+        else:
+            model = None  # the base, freed before another model loads
+            model, models[name] = load_model(str(run.path), dtype, device=device).eval(), {"path": str(run.path)}
+        print(f"{name}: generating for {len(prompts)} prompts")
+        generations[name] = generate(model, tokenizers[name], texts, args.max_new_tokens, args.batch_size)
+        model = None
+    return generations, models, staged
+
+
+def card_of(args, name: str, run, model: dict, scores: dict, tokenizer):
+    """The model card of one tuned model: its recipe, and its numbers beside the base's."""
+    return model_card(args.base, run.record, {"base": scores["base"], "tuned": scores[name]}, " ".join(args.prompts),
+                      args.push_to_hub or Path(model.get("merged_to", run.path)).name, tokenizer.eos_token)
+
+
 def main(args) -> dict:
     # Everything that can be wrong with the inputs is found before any large weights load.
     prompts = read_prompt_files(args.prompts)
-    tuned = inspect_pair(args.base, args.tuned, args.allow_other_base)
+    runs = tuned_runs(args)
     if args.push_to_hub:
         check_can_push(args.push_to_hub)
-    output_dir = Path(args.output_dir or f"{str(tuned.path).rstrip('/')}-comparison")
+    output_dir = Path(args.output_dir or f"{str(next(iter(runs.values())).path).rstrip('/')}-comparison")
+    check_output_dir(output_dir, args.base, runs)
     device = this_process_device()
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    has_tokenizer = (tuned.path / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(tuned.path) if has_tokenizer else args.base)
-    texts = [p.prompt for p in prompts]
-    meta = {"base": args.base, "tuned": str(tuned.path), "prompts": " ".join(args.prompts),
+    tokenizers = {name: load_tokenizer(str(run.path) if (run.path / "tokenizer_config.json").is_file() else args.base)
+                  for name, run in runs.items()}
+    if warning := check_lengths(prompts, next(iter(tokenizers.values())), context_of(args.base), args.max_new_tokens):
+        print(warning)
+    meta = {"base": args.base, "tuned": [str(run.path) for run in runs.values()], "prompts": " ".join(args.prompts),
             "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "dtype": dtype, "device": device}
 
-    print(f"base model {args.base}: generating for {len(prompts)} prompts")
-    model = load_model(args.base, dtype, device=device).eval()
-    generations = {"base": generate(model, tokenizer, texts, args.max_new_tokens, args.batch_size)}
-
-    merged_dir = tuned.path
-    if tuned.is_adapter:
-        probes = texts[:4]
-        started = time.perf_counter()
-        model, gap = merge(model, tuned.path, tokenizer, probes)
-        merged_dir = save_merged(model, tokenizer, output_dir / "merged")
-        meta.update(merge_max_abs_logit_diff=gap, merged_to=str(merged_dir),
-                    merge_and_save_seconds=round(time.perf_counter() - started, 1))
-        print(f"merged into a {dtype} base: max |logit(base+adapter) - logit(merged)| = {gap:.2e}; saved to {merged_dir}")
-        if tuned.trained_in_4bit or tuned.trained_in_fp8:
-            key, trained = ("qlora_gap", "QLoRA: 4-bit") if tuned.trained_in_4bit else ("fp8_gap", "FP8")
-            merged_logits = logits_on(model, tokenizer, probes)
-            meta[key] = quantized_gap(args.base, tuned.path, tuned.record.config, tokenizer, probes, merged_logits)
-            print(f"{trained} base + adapter vs merged {dtype} model: {meta[key]}")
-    else:
-        model = load_model(str(tuned.path), dtype, device=device).eval()
-    generations["tuned"] = generate(model, tokenizer, texts, args.max_new_tokens, args.batch_size)
-
-    scored = {name: score(prompts, gens) for name, gens in generations.items()}
-    scores = {name: summary for name, (summary, _) in scored.items()}
-    judgments = {name: judged for name, (_, judged) in scored.items()}
-    print(side_by_side(prompts, generations, judgments) + "\n\n" + summary_table(scores))
-    write_report(output_dir, prompts, generations, judgments, scores, meta)
+    with ComparisonDir(output_dir, args.command) as folder:
+        if folder.removed:
+            print(f"{output_dir}: removed what a stopped run left: {', '.join(folder.removed)}")
+        generations, models, staged = generate_all(args, prompts, runs, tokenizers, folder, device, dtype)
+        scored = {name: score(prompts, gens) for name, gens in generations.items()}
+        scores = {name: summary for name, (summary, _) in scored.items()}
+        judgments = {name: judged for name, (_, judged) in scored.items()}
+        tests = paired_tests(prompts, generations, judgments)
+        print(side_by_side(prompts, generations, judgments) + "\n\n" + tables(scores, tests))
+        cards = {name: card_of(args, name, run, models[name], scores, tokenizers[name]) for name, run in runs.items()}
+        for name, merged in staged.items():  # each merged folder is ours: complete, card included, pushed or not
+            cards[name].save(merged / "README.md")
+            folder.seal(merged, {"merged_by": "eval_compare.py",
+                                 "merge_max_abs_logit_diff": models[name]["merge_max_abs_logit_diff"]})
+        folder.publish(report_texts(prompts, generations, judgments, scores, tests, models, meta))
     print(f"\nwrote {output_dir / 'comparison.md'} and {output_dir / 'comparison.json'}")
 
-    card = model_card(args.base, tuned.record, scores, " ".join(args.prompts), args.push_to_hub or merged_dir.name,
-                      tokenizer.eos_token)
-    if tuned.is_adapter:  # the merged folder is ours: complete, card included, whether pushed now or later
-        card.save(merged_dir / "README.md")
     if args.push_to_hub:
-        print(f"pushed: {push(merged_dir, args.push_to_hub, args.private, card)}")
+        ((name, run),) = runs.items()
+        merged_dir = Path(models[name].get("merged_to", run.path))
+        try:
+            print(f"pushed: {push(merged_dir, args.push_to_hub, args.private, cards[name])}")
+        except KeyboardInterrupt:
+            private = " --private" if args.private else ""
+            raise Interrupted(f"interrupted during the push: the comparison and {merged_dir} are complete; upload "
+                              f"it with:\n  hf upload {args.push_to_hub} {merged_dir} .{private}") from None
     return scores
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """The command line: 0, or 1 with the problem said in one message."""
+    """The command line: 0, or 1 with the problem said in one message (130 after Ctrl-C)."""
     try:
         main(parse_args(argv))
-    except (PromptFileError, PairError, PushError, TokenizerError) as err:
+    except Interrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted before anything was written; run the command again", file=sys.stderr)
+        return 130
+    except (PromptFileError, ContextError, PairError, PushError, TokenizerError, SettingsError, ComparisonDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -88,7 +88,9 @@ def main():
         adapter = "adapter_model.safetensors" if files.is_file() and "adapter_model.safetensors" in files.read_text() else "none"
         resume = loss_gap(resumed, run, from_step=6) if resumed and resumed["status"] == "completed" else "n/a"
         comparison = args.folder / f"eval-{name}" / "comparison.json"
-        meta = json.loads(comparison.read_text())["meta"] if comparison.is_file() else {}
+        report = json.loads(comparison.read_text()) if comparison.is_file() else {}
+        # the tuned model's merge numbers: under "models" since eval_compare compares several, under "meta" before
+        meta = next((m for model, m in report.get("models", {}).items() if model != "base"), report.get("meta", {}))
         qlora = meta.get("qlora_gap", meta.get("fp8_gap", {})).get("max_abs_logit_diff")
         lines.append(f"| {name} | {run['status']}, {adapter} | {resume} | {meta.get('merge_max_abs_logit_diff', 'n/a')} | "
                      f"{qlora if qlora is not None else '-'} |")

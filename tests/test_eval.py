@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -75,20 +76,27 @@ def test_compare_shows_the_tuned_model_answering_and_stopping(tiny_model_dir, ad
     out = tmp_path / "cmp"
     scores = run_eval("--base", tiny_model_dir, "--tuned", adapter_dir, "--prompts", prompt_file,
                       "--output_dir", out, "--max_new_tokens", 24, "--batch_size", 3)
-    base, tuned = scores["base"], scores["tuned"]
+    assert list(scores) == ["base", "run"]  # a column per model, the tuned one named by its folder
+    base, tuned = scores["base"], scores["run"]
     assert base["stopped_by_eos"] == 0 and base["mean_new_tokens"] == 24
     assert tuned["stopped_by_eos"] >= 0.75  # the three trained prompts stop (the SQL one may not)
     assert tuned["exact_match"] >= 0.75 and base["exact_match"] == 0
     assert base["sql_prompts"] == tuned["sql_prompts"] == 1 and base["sql_executes"] == 0
+    assert base["classes"]["eos"] == 0 and tuned["classes"]["eos"] == tuned["counts"]["stopped_by_eos"][0]
     report = json.loads((out / "comparison.json").read_text())
     first = report["prompts"][0]
-    assert first["tuned"]["text"] == THREE[0]["output"] and first["tuned"]["stop"] == "eos"
+    assert first["run"]["text"] == THREE[0]["output"] and first["run"]["stop"] == "eos"
+    assert first["run"]["answer_class"] == "eos" and first["base"]["answer_class"] in ("ran_on", "looped", "cut")
     assert first["base"]["stop"] == "length" and first["base"]["new_tokens"] == 24
-    assert report["meta"]["merge_max_abs_logit_diff"] < 1e-4
+    assert report["models"]["run"]["merge_max_abs_logit_diff"] < 1e-4
+    assert report["meta"]["tuned"] == [str(adapter_dir)] and report["models"]["run"]["merged_to"] == str(out / "merged")
     markdown = (out / "comparison.md").read_text()
-    assert "| answers that stop by EOS | 0% |" in markdown and "## train-0" in markdown
+    assert "| answers that stop by EOS | 0.0% (0.0%–49.0%) |" in markdown and "## train-0" in markdown  # 0 of 4
+    assert "## Examples of each answer class" in markdown and "| run on into new prompt blocks (`ran_on`) |" in markdown
     merged = out / "merged"
     assert (merged / "README.md").read_text().startswith("---\nbase_model:")
+    assert json.loads((merged / "merge.json").read_text())["merge_max_abs_logit_diff"] < 1e-4  # the seal
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "comparison.json", "comparison.md", "merged"]
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(merged).config.num_hidden_layers == 2
@@ -123,8 +131,8 @@ def test_compare_accepts_an_already_merged_model(tiny_model_dir, adapter_dir, pr
                       "--output_dir", tmp_path / "b", "--max_new_tokens", 8)
     first = json.loads((tmp_path / "a" / "comparison.json").read_text())["prompts"]
     second = json.loads((tmp_path / "b" / "comparison.json").read_text())["prompts"]
-    assert [p["tuned"]["text"] for p in first] == [p["tuned"]["text"] for p in second]
-    assert scores["tuned"]["prompts"] == 4
+    assert [p["run"]["text"] for p in first] == [p["merged"]["text"] for p in second]
+    assert scores["merged"]["prompts"] == 4
 
 
 def test_sql_checks():
@@ -202,6 +210,10 @@ def test_shipped_prompt_file_holds_the_showcase_with_references():
     ('{"instruction": "a"}\n{"instruction": \n', "line 2: not valid JSON"),
     ('{"instruction": "a"}\n{"input": "no instruction"}\n', "line 2: needs a non-empty `prompt`, `instruction`, or `question`"),
     ('{"prompt": "p", "reference": 3}\n', "line 1: `reference` must be a string"),
+    # A schema SQLite cannot be given would fail every model's SQL alike: the row is at fault, not the models
+    ('{"question": "Which a?", "context": "the table of cities"}\n',
+     r"line 1: `context`: the schema is not SQL that sqlglot parses \(Invalid expression / Unexpected token. Line 1, Col: 12.\)"),
+    ('{"prompt": "p", "schema": "SELECT 1"}\n', "line 1: `schema`: the schema holds no CREATE TABLE with columns"),
 ])
 def test_bad_prompt_file_fails_before_any_model_loads(tmp_path, content, message):
     path = tmp_path / "p.jsonl"
@@ -231,7 +243,9 @@ def test_adapter_from_another_base_is_refused_before_weights_load(tiny_model_dir
     other = tmp_path / "other"
     MistralConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2).save_pretrained(other)
-    with pytest.raises(PairError, match="not the same model|was not trained on"):
+    # The adapter's matrices are checked against the base's layers (its config alone would pass: same model type)
+    with pytest.raises(PairError, match=re.escape(f"was not trained on --base {other}: base_model.model.model.layers.0."
+                                                  "mlp.down_proj.lora_A.weight has shape [16, 128], which does not fit")):
         inspect_pair(str(other), adapter_dir)
     # The same shape with other weights (in life: the Instruct model, or another fine-tune) is refused too...
     twin = build_random_mistral(tmp_path / "twin", seed=1)
@@ -344,8 +358,8 @@ def test_qlora_adapter_is_merged_in_full_precision_and_its_gap_reported(tiny_mod
           "--learning_rate", 1e-2, "--dtype", "bfloat16")
     run_eval("--base", tiny_model_dir, "--tuned", tmp_path / "qlora", "--prompts", prompt_file,
              "--output_dir", tmp_path / "cmp", "--max_new_tokens", 4)
-    meta = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["meta"]
-    gap = meta["qlora_gap"]
+    report = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    meta, gap = report["meta"], report["models"]["qlora"]["qlora_gap"]
     # The 4-bit base the run recorded (NF4 of the tiny model's wide random weights) is a coarse copy of the
     # float32 base the adapter is merged into: the logits differ, and the next-token choices agree (31% here)
     # far above the chance of two unrelated models (1 in 32,000).
@@ -371,9 +385,9 @@ def test_fp8_trained_adapter_is_merged_in_full_precision_and_its_gap_reported(ti
     (tuned / "train_config.yaml").write_text(yaml.safe_dump({**config, "fp8_base": True}))
     run_eval("--base", tiny_model_dir, "--tuned", tuned, "--prompts", prompt_file, "--output_dir", tmp_path / "cmp",
              "--max_new_tokens", 4)
-    meta = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["meta"]
-    gap = meta["fp8_gap"]
-    assert "qlora_gap" not in meta and "FP8 base + adapter vs merged float32 model" in capsys.readouterr().out
+    model = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["models"]["fp8-run"]
+    gap = model["fp8_gap"]
+    assert "qlora_gap" not in model and "fp8-run: FP8 base + adapter vs merged float32 model" in capsys.readouterr().out
     # e4m3's rounding of the tiny model's wide weights moves its logits (mean 0.22 here; a bf16 base
     # without FP8 would give 0.03), and its next-token choices still mostly agree with the merged fp32
     # model's (77% here; unrelated models: 1 in 32,000)
@@ -393,3 +407,260 @@ def test_card_of_an_alpaca_run_carries_its_license_and_scores(tmp_path):
     assert "QLoRA adapter" in card.text and "non-commercial" in card.text
     (result,) = card.data.eval_results  # the Hub's model-index: what the comparison measured
     assert result.metric_type == "stopped_by_eos" and result.metric_value == 0.875
+
+
+# Several tuned models in one call; the comparison's folder (one run at a time, nothing half-written looking
+# whole); what cannot be run refused before anything loads.
+
+def cli(capsys, *args):
+    """eval_compare's command line in this process: (exit code, stdout, stderr); an interrupt must not escape."""
+    try:
+        code = eval_compare.cli(list(map(str, args)))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped eval_compare.cli")
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def other_adapter(adapter_dir, tmp_path_factory):
+    """Another adapter for the same base, in a folder named like the first's: B = 0, as PEFT initializes it (an
+    untrained run: its merged model is the base)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(adapter_dir, tmp_path_factory.mktemp("other") / "run")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v * 0 if ".lora_B." in k else v for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+    return folder
+
+
+def tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_several_tuned_models_are_compared_in_one_call_on_one_base_generation(tiny_model_dir, adapter_dir, other_adapter,
+                                                                             prompt_file, tmp_path, monkeypatch, capsys):
+    sql = write_jsonl(tmp_path / "sql.jsonl", [{"question": "How many heads are older than 56?",
+                                                "context": "CREATE TABLE head (age INTEGER)",
+                                                "answer": "SELECT COUNT(*) FROM head WHERE age > 56"}])
+    calls, generate = [], eval_compare.generate
+    monkeypatch.setattr(eval_compare, "generate", lambda model, tokenizer, texts, *rest: calls.append(len(texts))
+                        or generate(model, tokenizer, texts, *rest))
+    out = tmp_path / "cmp"
+    scores = run_eval("--base", tiny_model_dir, "--tuned", adapter_dir, other_adapter, "--prompts", prompt_file, sql,
+                      "--output_dir", out, "--max_new_tokens", 12)
+    first, second = f"{adapter_dir.parent.name}-run", f"{other_adapter.parent.name}-run"  # both folders are "run"
+    assert list(scores) == ["base", first, second] and calls == [5, 5, 5]  # the base generated once
+    assert capsys.readouterr().out.count("generating for 5 prompts") == 3
+    report = json.loads((out / "comparison.json").read_text())
+    assert report["meta"]["tuned"] == [str(adapter_dir), str(other_adapter)]
+    for name in (first, second):
+        assert report["models"][name]["merged_to"] == str(out / "merged" / name)
+        assert {"README.md", "merge.json", "model.safetensors", "config.json"} <= set(os.listdir(out / "merged" / name))
+        assert list(scores[name]["groups"]) == ["prompts", "sql"] and scores[name]["groups"]["sql"]["prompts"] == 1
+    assert report["prompts"][0][first]["text"] == THREE[0]["output"]  # each model answers as itself
+    assert [p[second]["text"] for p in report["prompts"]] == [p["base"]["text"] for p in report["prompts"]]
+    assert {(t["a"], t["b"]) for t in report["paired"]} == {("base", first), ("base", second), (first, second)}
+    assert {t["group"] for t in report["paired"]} == {"all", "prompts", "sql"}
+    markdown = (out / "comparison.md").read_text()
+    assert f"| metric | prompts | base | {first} | {second} |" in markdown
+    assert "| answers that stop by EOS | sql (1) | 0.0% (0.0%–79.3%) |" in markdown  # a row per prompt file
+
+
+def test_several_tuned_models_need_an_output_dir_and_cannot_be_pushed(capsys):
+    for argv, message in [
+        (["--tuned", "a", "b"], "with several --tuned, give --output_dir"),
+        (["--tuned", "a", "b", "--output_dir", "o", "--push_to_hub", "me/m"], "--push_to_hub uploads one merged model"),
+        (["--tuned", "a", "./a", "--output_dir", "o"], "--tuned names one folder more than once"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            eval_compare.parse_args(["--base", "b", *argv])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_before_generating(tiny_model_dir, adapter_dir, prompt_file,
+                                                                        tmp_path, capsys):
+    from alpaca_sft.train.output_dir import OutputDirLock
+
+    out = tmp_path / "cmp"
+    lock = OutputDirLock(out).acquire()  # another eval_compare.py writing there
+    try:
+        code, said, err = cli(capsys, "--base", tiny_model_dir, "--tuned", adapter_dir, "--prompts", prompt_file,
+                              "--output_dir", out, "--max_new_tokens", 4)
+    finally:
+        lock.release()
+    assert code == 1 and f"output_dir={out} is in use by another run (pid {os.getpid()}" in err
+    assert "generating" not in said and os.listdir(out) == [".lock"]
+
+
+def test_a_full_disk_during_the_merged_save_ends_in_one_message(tiny_model_dir, adapter_dir, prompt_file, tmp_path,
+                                                                 monkeypatch, capsys):
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):  # what safetensors raises on a full disk (its message carries the errno)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    out = tmp_path / "cmp"
+    code, _, err = cli(capsys, "--base", tiny_model_dir, "--tuned", adapter_dir, "--prompts", prompt_file,
+                       "--output_dir", out, "--max_new_tokens", 4)
+    assert code == 1 and "Traceback" not in err
+    assert (f"\nerror: No space left on device: nothing of this run was kept in {out}, which holds no complete "
+            "comparison; this run's temporary files are removed. Free space on its disk and run again:\n"
+            "  python eval_compare.py --base") in err
+    assert os.listdir(out) == [".lock"]
+
+
+@pytest.mark.parametrize("where", ["merge", "generate"])
+def test_ctrl_c_during_the_merge_or_a_generation_ends_in_one_message(where, tiny_model_dir, adapter_dir, prompt_file,
+                                                                     tmp_path, monkeypatch, capsys):
+    real, calls = getattr(eval_compare, where), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(where)
+        if where == "merge" or len(calls) == 2:  # the merge, or the tuned model's generation after it
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eval_compare, where, interrupted)
+    out = tmp_path / "cmp"
+    code, _, err = cli(capsys, "--base", tiny_model_dir, "--tuned", adapter_dir, "--prompts", prompt_file,
+                       "--output_dir", out, "--max_new_tokens", 4)
+    assert code == 130 and "Traceback" not in err
+    assert err.endswith(f"\ninterrupted: nothing of this run was kept in {out}, which holds no complete comparison; "
+                           f"this run's temporary files are removed. Run it again:\n  python eval_compare.py --base "
+                           f"{tiny_model_dir} --tuned {adapter_dir} --prompts {prompt_file} --output_dir {out} "
+                           "--max_new_tokens 4\n")
+    assert os.listdir(out) == [".lock"]
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_loads(tiny_model_dir, adapter_dir, prompt_file,
+                                                                               tmp_path, capsys):
+    blocked = tmp_path / "a-file" / "cmp"
+    blocked.parent.write_text("")
+    code, said, err = cli(capsys, "--base", tiny_model_dir, "--tuned", adapter_dir, "--prompts", prompt_file,
+                          "--output_dir", blocked)
+    assert code == 1 and err.startswith(f"error: cannot write to --output_dir {blocked}: Not a directory")
+    assert "generating" not in said and "Traceback" not in err
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    try:
+        (read_only / "probe").touch()
+        return  # root writes whatever the mode says: the folder in a file above stands for this case here
+    except PermissionError:
+        pass
+    code, said, err = cli(capsys, "--base", tiny_model_dir, "--tuned", adapter_dir, "--prompts", prompt_file,
+                          "--output_dir", read_only)
+    assert code == 1 and err.startswith(f"error: cannot write to --output_dir {read_only}: Permission denied")
+
+
+def test_a_merged_model_not_completely_written_is_refused_before_the_base_generates(tiny_model_dir, prompt_file,
+                                                                                    tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "cmp"
+    (out / "merged").parent.mkdir()
+    (out / "comparison.json").write_text("{}")
+    cases = [  # (the folder given as --tuned, what is said)
+        (shutil.copytree(tiny_model_dir, out / "merged"), "was not completely written by eval_compare.py (it has no merge.json"),
+        (shutil.copytree(tiny_model_dir, out / ".tmp-4242-merged"), "is a merged model an eval_compare.py run had not finished"),
+        (shutil.copytree(tiny_model_dir, tmp_path / "model"), "holds the temporary files of a save that was stopped"),
+    ]
+    (cases[2][0] / ".tmpX7f3Qa").write_bytes(b"\0")  # safetensors writes there, and renames when whole
+    for folder, message in cases:
+        code, said, err = cli(capsys, "--base", tiny_model_dir, "--tuned", folder, "--prompts", prompt_file,
+                              "--output_dir", tmp_path / "b", "--max_new_tokens", 4)
+        assert code == 1 and message in err and "generating" not in said, (folder, err)
+
+
+def test_an_output_dir_that_is_a_models_or_holds_what_is_not_ours_is_refused(tiny_model_dir, adapter_dir, prompt_file,
+                                                                              tmp_path, capsys):
+    import shutil
+
+    foreign = tmp_path / "mine"
+    (foreign / "merged").mkdir(parents=True)
+    (foreign / "merged" / "notes.txt").write_text("the user's")
+    merged = shutil.copytree(tiny_model_dir, tmp_path / "cmp" / "merged")
+    (merged / "merge.json").write_text("{}")
+    for out, tuned, message in [
+        (adapter_dir / "cmp", adapter_dir, f"--output_dir {adapter_dir / 'cmp'} is inside --tuned {adapter_dir}"),
+        (tmp_path / "cmp", merged, f"--output_dir {tmp_path / 'cmp'} holds --tuned {merged}"),
+        (foreign, adapter_dir, f"{foreign / 'merged'} is not a merged model that eval_compare.py finished"),
+    ]:
+        code, said, err = cli(capsys, "--base", tiny_model_dir, "--tuned", tuned, "--prompts", prompt_file,
+                              "--output_dir", out, "--max_new_tokens", 4)
+        assert code == 1 and message in err and "generating" not in said, err
+    assert not (adapter_dir / "cmp").exists() and os.listdir(foreign / "merged") == ["notes.txt"]
+
+
+def test_prompts_or_new_tokens_beyond_the_context_are_refused_before_anything_loads(tiny_model_dir, adapter_dir,
+                                                                                     prompt_file, tmp_path):
+    from alpaca_sft.eval.prompts import ContextError
+
+    long = write_jsonl(tmp_path / "long.jsonl", [{"id": "short", "prompt": "Hi"}, {"id": "essay", "prompt": "word " * 5000}])
+    with pytest.raises(ContextError, match=r"1 prompt\(s\) fill the model's context of 4,096 tokens "
+                                           r"\(max_position_embeddings\) or more: long line 2 \(essay: 5,0\d\d tokens\)"):
+        run_eval("--base", tiny_model_dir, "--tuned", adapter_dir, "--prompts", long, "--output_dir", tmp_path / "cmp")
+    with pytest.raises(ContextError, match=r"--max_new_tokens 5,000 is beyond the model's context of 4,096 tokens "
+                                           r"\(max_position_embeddings\): give at most 4,0\d\d \(the context less the longest prompt\)"):
+        run_eval("--base", tiny_model_dir, "--tuned", adapter_dir, "--prompts", prompt_file, "--output_dir",
+                 tmp_path / "cmp", "--max_new_tokens", 5000)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_answers_that_could_run_past_the_context_are_warned_with_the_numbers(tokenizer):
+    from alpaca_sft.eval.prompts import EvalPrompt, check_lengths
+
+    prompts = [EvalPrompt("a", "word " * 3000, group="g", line=1), EvalPrompt("b", "Hi", group="g", line=2)]
+    longest = len(tokenizer(prompts[0].prompt)["input_ids"])
+    assert check_lengths(prompts, tokenizer, 4096, 4096 - longest) is None
+    assert check_lengths(prompts, tokenizer, 4096, 2000) == (
+        "warning: 1 of 2 prompts plus --max_new_tokens 2,000 exceed the model's context of 4,096 tokens "
+        "(max_position_embeddings): their answers can run past the positions the model was trained on; "
+        f"--max_new_tokens {4096 - longest:,} keeps every answer inside")
+
+
+def fault(point, *args):
+    return subprocess.run([sys.executable, str(REPO / "tests" / "eval_fault_worker.py"), point, *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_merged_save_leaves_nothing_that_looks_whole(tiny_model_dir, adapter_dir, prompt_file, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "cmp"
+    flags = ["--base", tiny_model_dir, "--prompts", prompt_file, "--max_new_tokens", 4]
+    killed = fault("inside_merged_save", *flags, "--tuned", adapter_dir, "--output_dir", out)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (out / "merged").exists() and not (out / "comparison.json").exists()
+    (half,) = [p for p in out.iterdir() if (p / "config.json").is_file()]  # the merged model as the kill left it
+    code, said, err = cli(capsys, *flags, "--tuned", half, "--output_dir", tmp_path / "b")
+    assert code == 1 and "had not finished writing" in err and "generating" not in said
+    code, said, _ = cli(capsys, *flags, "--tuned", adapter_dir, "--output_dir", out)  # the next run into the folder
+    assert code == 0 and f"removed what a stopped run left: {half.name}" in said
+    assert not list(out.rglob(".tmp*")) and (out / "merged" / "merge.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_rerun_killed_while_writing_its_report_leaves_the_earlier_comparison_whole(tiny_model_dir, adapter_dir,
+                                                                                    other_adapter, prompt_file, tmp_path):
+    import hashlib
+
+    out = tmp_path / "cmp"
+    flags = ["--base", tiny_model_dir, "--prompts", prompt_file, "--output_dir", out, "--max_new_tokens", 4]
+    run_eval(*flags, "--tuned", adapter_dir)
+
+    def state():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
+                if p.is_file() and p.name != ".lock"}  # the lock names its last holder
+
+    before = state()
+    killed = fault("inside_report", *flags, "--tuned", other_adapter)  # another run, after its merge and generations
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    left = state()
+    leftovers = [p for p in left if p.name.startswith(".tmp") or p.parent.name.startswith(".tmp")]
+    assert {p: h for p, h in left.items() if p not in leftovers} == before  # the earlier comparison and merged model
+    assert leftovers  # the killed run's own files, under temporary names, which the next run removes
