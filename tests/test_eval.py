@@ -102,28 +102,6 @@ def test_compare_shows_the_tuned_model_answering_and_stopping(tiny_model_dir, ad
     assert AutoModelForCausalLM.from_pretrained(merged).config.num_hidden_layers == 2
 
 
-def test_batched_generation_answers_as_one_prompt_at_a_time(tiny_model_dir, adapter_dir):
-    # generate() reorders the prompts by length and batches them: in fp32 the greedy answers, and the order they
-    # come back in, are those of one prompt at a time; the caller's tokenizer is left as it was.
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from alpaca_sft.data.template import render_prompt
-    from alpaca_sft.models.generation import generate
-
-    tokenizer = load_tokenizer(str(adapter_dir))
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter_dir)).merge_and_unload()
-    prompts = [render_prompt(r["instruction"], r["input"]) for r in THREE]
-    prompts += [p.prompt for p in read_prompts(REPO / "data" / "eval_prompts.jsonl")][:5]
-    side = tokenizer.padding_side
-    alone = [generate(model, tokenizer, [p], 20, batch_size=1)[0] for p in prompts]
-    together = generate(model, tokenizer, prompts, 20, batch_size=3)
-    assert [(g.text, g.stop, g.new_tokens) for g in together] == [(g.text, g.stop, g.new_tokens) for g in alone]
-    assert together[0].text == THREE[0]["output"] and together[0].stop == "eos"  # the order is the prompts'
-    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 3  # lengths differ: the batches were padded
-    assert tokenizer.padding_side == side
-
-
 def test_compare_accepts_an_already_merged_model(tiny_model_dir, adapter_dir, prompt_file, tmp_path):
     run_eval("--base", tiny_model_dir, "--tuned", adapter_dir, "--prompts", prompt_file, "--output_dir", tmp_path / "a",
              "--max_new_tokens", 8)
