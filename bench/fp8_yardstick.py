@@ -9,7 +9,7 @@ the whole yardstick in one GPU lease; these are its parts).
     python bench/fp8_yardstick.py table --results W/out --out W/out/fp8-yardstick.md [--speed DIR]
         one table (and its JSON beside it): every run's figures as a difference from bf16 seed 42, in bf16 seed
         spreads (|seed 43 - seed 42|), from the folder where bench/fp8_yardstick.sh gathers each run's
-        summary-RUN.json, comparison-RUN.json and validate.json; with --speed, the folder of bench/speed.py's
+        summary-RUN.json, comparison-*.json (eval_compare.py's, several runs each) and validate.json; with --speed, the folder of bench/speed.py's
         per-configuration JSON files: the 7B shape's tokens/s
 
 A run's validation loss as trained is the one its own evaluations computed: with an FP8 base, through the FP8
@@ -88,13 +88,33 @@ def _evaluate(trainer) -> dict:
 
 def held_out(comparison: dict, model: str) -> dict:
     """One model's figures on the held-out prompts of eval_compare.py's comparison.json: the share that stops by
-    EOS, in all and per prompt file (the prompt ids say their file), SQL result match, mean new tokens."""
-    files: dict[str, list[bool]] = {}
-    for prompt in comparison["prompts"]:
-        files.setdefault(prompt["id"].split("/")[0], []).append(prompt[model]["stop"] == "eos")
+    EOS, in all and per prompt file, how the other answers ended, SQL result match, mean new tokens."""
     scores = comparison["scores"][model]
-    return {"stop_all": scores["stopped_by_eos"], **{f"stop_{f}": sum(s) / len(s) for f, s in files.items()},
+    return {"stop_all": scores["stopped_by_eos"],
+            **{f"stop_{group}": numbers["stopped_by_eos"] for group, numbers in scores.get("groups", {}).items()},
+            **{f"answers_{name}": count for name, count in scores["classes"].items()},
             "sql_result_match": scores["sql_result_match"], "mean_new_tokens": scores["mean_new_tokens"]}
+
+
+def comparisons(results: Path) -> dict[str, dict]:
+    """Run name -> the comparison.json (comparison-*.json in `results`) that holds its model: eval_compare.py
+    judges several runs beside one base per call, each under its folder's name."""
+    found = {}
+    for path in sorted(results.glob("comparison-*.json")):
+        comparison = json.loads(path.read_text())
+        found.update({name: comparison for name in comparison["scores"] if name != "base"})
+    return found
+
+
+def stop_paired(a: dict, b: dict, model_a: str, model_b: str) -> dict:
+    """Stop by EOS of two models on the same prompts (possibly from two comparison.json files): the prompts only
+    one of them stops on, each way, and McNemar's exact p-value."""
+    from alpaca_sft.eval.stats import mcnemar_exact
+
+    stops_b = {p["id"]: p[model_b]["stop"] == "eos" for p in b["prompts"]}
+    pairs = [(p[model_a]["stop"] == "eos", stops_b[p["id"]]) for p in a["prompts"] if p["id"] in stops_b]
+    only_a, only_b = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
+    return {"prompts": len(pairs), "only_reference": only_a, "only_run": only_b, "p_value": mcnemar_exact(only_a, only_b)}
 
 
 def run_figures(results: Path, runs: list[str], speed: Path | None) -> dict:
@@ -102,13 +122,11 @@ def run_figures(results: Path, runs: list[str], speed: Path | None) -> dict:
     comparison.json and, with `speed`, bench/speed.py's JSON of its configuration."""
     validate_file = results / "validate.json"  # absent if that part failed: its columns say n/a
     validated = json.loads(validate_file.read_text()) if validate_file.is_file() else {}
-    figures = {}
+    figures, judged = {}, comparisons(results)
     for run in runs:
         summary = json.loads((results / f"summary-{run}.json").read_text())
         as_trained, first = summary["validation"]["last"], summary["validation"]["evaluations"][0]
-        # One comparison.json per run, its model under "tuned"; with eval_compare.py's --tuned A B C, one
-        # comparison.json for all, each model under its own name: held_out(shared, run).
-        comparison = json.loads((results / f"comparison-{run}.json").read_text())
+        comparison = judged[run]
         merged, unmerged = (validated.get(run, {}).get(way, {}) for way in ("merged", "unmerged"))
         figures[run] = {
             "val_loss_as_trained": as_trained["loss"], "eos_top1_as_trained": as_trained["eos_top1"],
@@ -116,9 +134,10 @@ def run_figures(results: Path, runs: list[str], speed: Path | None) -> dict:
             "val_loss_step0": first["loss"] if first["step"] == 0 else None,
             "val_loss_bf16_base": merged.get("loss"), "eos_top1_bf16_base": merged.get("eos_top1"),
             "val_loss_bf16_base_unmerged": unmerged.get("loss"),
-            **held_out(comparison, "tuned"),
+            **held_out(comparison, run),
+            "paired_stop": stop_paired(judged[REFERENCE], comparison, REFERENCE, run),
             "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
-            "fp8_gap": comparison["meta"].get("fp8_gap"),
+            "fp8_gap": comparison["models"][run].get("fp8_gap"),
         }
         config = speed_config(run)
         if speed and config and (speed / f"{config}.json").is_file():
@@ -185,25 +204,32 @@ def table(figures: dict) -> str:
         sign = "+" if d["difference"] >= 0 else "-"
         return f"{pattern.format(value)} ({sign}{pattern.format(abs(d['difference']))}; {spreads})"
 
-    header = ["run", *(label for _, label, _ in columns), "tokens/s, 7B shape (x bf16)", "target"]
+    header = ["run", *(label for _, label, _ in columns), f"stop vs {REFERENCE}: only it / only run (McNemar p)",
+              "answers that loop / run on / are cut", "tokens/s, 7B shape (x bf16)", "target"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 2) + "---|"]
     bf16_rate = figures[REFERENCE].get("tokens_per_second_7b")
     for run in figures:
         rate = figures[run].get("tokens_per_second_7b")
         speed = f"{rate:,.0f} ({rate / bf16_rate:.2f}x)" if rate and bf16_rate else "n/a"
         target = {REFERENCE: "the reference", SECOND_SEED: "the spread"}.get(run) or verdict(run, figures, distance[run])
-        lines.append(f"| {run} | " + " | ".join(cell(run, k, p) for k, _, p in columns) + f" | {speed} | {target} |")
+        paired = figures[run]["paired_stop"]
+        against = "" if run == REFERENCE else f"{paired['only_reference']} / {paired['only_run']} ({paired['p_value']:.2g})"
+        endings = " / ".join(str(figures[run].get(f"answers_{c}", "n/a")) for c in ("looped", "ran_on", "cut"))
+        lines.append(f"| {run} | " + " | ".join(cell(run, k, p) for k, _, p in columns)
+                     + f" | {against} | {endings} | {speed} | {target} |")
     spread_row = [pattern.format(distance[SECOND_SEED][k]["spread"]) if k in distance[SECOND_SEED] else "n/a"
                   for k, _, pattern in columns]
-    lines.append("| bf16 seed spread, \\|43 - 42\\| | " + " | ".join(spread_row) + " | | |")
+    lines.append("| bf16 seed spread, \\|43 - 42\\| | " + " | ".join(spread_row) + " | | | | |")
     return "\n".join(lines)
 
 
 def report(args) -> dict:
-    runs = [r for r in RUNS if (args.results / f"comparison-{r}.json").is_file()]
+    judged = comparisons(args.results)
+    runs = [r for r in RUNS if r in judged]
     missing = [r for r in (REFERENCE, SECOND_SEED) if r not in runs]
     if missing:
-        raise SystemExit(f"no comparison-{', '.join(missing)}.json in {args.results}: the bf16 seeds are the yardstick")
+        raise SystemExit(f"{', '.join(missing)} judged in no comparison-*.json of {args.results}: the bf16 seeds are "
+                         "the yardstick")
     figures = run_figures(args.results, runs, args.speed)
     step0 = [f"{r} {figures[r]['val_loss_step0'] - figures[REFERENCE]['val_loss_step0']:+.4f}" for r in FP8_VARIANTS
              if r in figures and None not in (figures[r]["val_loss_step0"], figures[REFERENCE]["val_loss_step0"])]
@@ -235,7 +261,7 @@ def main():
     parser.add_argument("--recipe", default="recipes/gemma-3-270m-alpaca.yaml")
     parser.add_argument("--flags", default="", help="validate: more train_sft.py flags, one string (the rehearsal's)")
     parser.add_argument("--runs", nargs="*", default=[], help="validate: the runs' output folders")
-    parser.add_argument("--results", type=Path, help="table: the folder of summary-RUN.json, comparison-RUN.json, validate.json")
+    parser.add_argument("--results", type=Path, help="table: the folder of summary-RUN.json, comparison-*.json, validate.json")
     parser.add_argument("--speed", type=Path, help="table: the folder of bench/speed.py's per-configuration JSON files")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

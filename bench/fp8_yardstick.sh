@@ -2,7 +2,8 @@
 # The FP8 yardstick on the GPU machine, in one lease: one epoch of recipes/gemma-3-270m-alpaca.yaml on the real
 # base in bf16 with seeds 42 and 43 (their difference is the spread) and in each FP8 variant of
 # bench/fp8_yardstick.py with seed 42, all at once (a 270M model leaves most of an H100 idle); then, at once
-# again, each adapter merged into the bf16 base and judged on the held-out prompts (eval_compare.py), and every
+# again, the adapters merged into the bf16 base and judged on the held-out prompts (two eval_compare.py calls, each
+# judging half the runs beside one generation of the base), and every
 # adapter's validation loss on the bf16 base; one table of differences in seed spreads ($W/out/fp8-yardstick.md
 # and .json). Run from the repository root once bench/real_base_inputs.sh's calls 1-5 brought the inputs,
 # detached, so that one call starts it and later calls read $W/status (about 10 minutes on an H100):
@@ -46,10 +47,12 @@ train() {  # train NAME: one epoch of the recipe with the run's own flags
     --overwrite_output_dir true "${own[@]}" "${flags[@]}"
   cp "$W/runs/$name/run_summary.json" "$W/out/summary-$name.json" 2>/dev/null
 }
-compare() {  # compare NAME: the run's adapter merged into the bf16 base and judged on the held-out prompts
-  run "eval-$1" python eval_compare.py --base "$base" --tuned "$W/runs/$1" --prompts "${prompts[@]}" \
-    --output_dir "$W/cmp/$1" --max_new_tokens "${MAX_NEW_TOKENS:-512}" --batch_size 512
-  cp "$W/cmp/$1/comparison.json" "$W/out/comparison-$1.json" 2>/dev/null
+compare() {  # compare GROUP RUN...: the runs' adapters merged into the bf16 base, judged beside it on the held-out prompts
+  local group=$1; shift
+  [ $# -gt 0 ] || return 0
+  run "eval-$group" python eval_compare.py --base "$base" --tuned "${@/#/$W/runs/}" --prompts "${prompts[@]}" \
+    --output_dir "$W/cmp/$group" --max_new_tokens "${MAX_NEW_TOKENS:-512}" --batch_size 512
+  cp "$W/cmp/$group/comparison.json" "$W/out/comparison-$group.json" 2>/dev/null
 }
 
 say "start on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo cpu): ${runs[*]}"
@@ -57,7 +60,9 @@ say "start on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | 
 for name in "${runs[@]}"; do train "$name" & done
 wait
 trained=(); for name in "${runs[@]}"; do [ -f "$W/runs/$name/adapter_model.safetensors" ] && trained+=("$name"); done
-for name in "${trained[@]}"; do compare "$name" & done
+half=$(( (${#trained[@]} + 1) / 2 ))  # two evaluations at once, each generating the base once beside its runs
+compare a "${trained[@]:0:$half}" &
+compare b "${trained[@]:$half}" &
 run validate python bench/fp8_yardstick.py validate --runs "${trained[@]/#/$W/runs/}" --flags "${flags[*]}" \
   --out "$W/out/validate.json" &
 wait

@@ -99,28 +99,41 @@ def test_fp8_yardstick_table_measures_each_run_in_bf16_seed_spreads(tmp_path):
     results = tmp_path / "out"
     results.mkdir()
 
-    def write_run(name, as_trained, merged, stops, rate=None):
+    ids = ["heldout_alpaca/line-1", "heldout_alpaca/line-2", "heldout_sql/line-1", "heldout_sql/line-2"]
+    judged = {}  # comparison file -> model -> stops: eval_compare.py judges several runs beside one base per call
+
+    def write_run(name, as_trained, merged, stops, rate=None, comparison="a"):
         evaluations = [{"step": 0, "loss": 1.9835 + (0.0194 if name == "fp8" else 0)}, {"step": 177, "loss": as_trained,
                                                                                     "eos_top1": 0.8}]
         (results / f"summary-{name}.json").write_text(json.dumps({"validation": {"evaluations": evaluations,
                                                                                 "last": evaluations[-1]}}))
-        ids = ["heldout_alpaca/line-1", "heldout_alpaca/line-2", "heldout_sql/line-1", "heldout_sql/line-2"]
-        prompts = [{"id": i, "tuned": {"stop": "eos" if s else "length"}} for i, s in zip(ids, stops)]
-        scores = {"stopped_by_eos": sum(stops) / 4, "sql_result_match": 0.0, "mean_new_tokens": 100.0}
-        (results / f"comparison-{name}.json").write_text(json.dumps({"meta": {}, "scores": {"tuned": scores}, "prompts": prompts}))
+        judged.setdefault(comparison, {})[name] = stops
         if rate:
             (tmp_path / "speed").mkdir(exist_ok=True)
             (tmp_path / "speed" / f"{fp8_yardstick.speed_config(name)}.json").write_text(
                 json.dumps({"tokens_per_second": {"last_logged": rate}}))
         return {"unmerged": {"loss": as_trained, "eos_top1": 0.8}, "merged": {"loss": merged, "eos_top1": 0.8}}
 
+    def scores(stops):
+        rate = lambda part: sum(part) / len(part)  # noqa: E731
+        return {"stopped_by_eos": rate(stops), "sql_result_match": 0.0, "mean_new_tokens": 100.0,
+                "classes": {"eos": sum(stops), "ran_on": 0, "looped": len(stops) - sum(stops), "cut": 0},
+                "groups": {"heldout_alpaca": {"stopped_by_eos": rate(stops[:2])}, "heldout_sql": {"stopped_by_eos": rate(stops[2:])}}}
+
     validated = {
         "bf16-seed42": write_run("bf16-seed42", 1.7311, 1.7312, [1, 1, 1, 0], rate=17_613),
         "bf16-seed43": write_run("bf16-seed43", 1.7279, 1.7280, [1, 1, 1, 1]),  # spreads: loss 0.0032, stop 0.25
         "fp8": write_run("fp8", 1.7423, 1.7330, [1, 0, 1, 1], rate=22_876),  # 1.30x
-        "fp8-attention": write_run("fp8-attention", 1.7340, 1.7400, [1, 1, 1, 0], rate=18_000),
-        "fp8-down-bf16": write_run("fp8-down-bf16", 1.7330, 1.7320, [1, 1, 1, 0]),
+        "fp8-attention": write_run("fp8-attention", 1.7340, 1.7400, [1, 1, 1, 0], rate=18_000, comparison="b"),
+        "fp8-down-bf16": write_run("fp8-down-bf16", 1.7330, 1.7320, [1, 1, 1, 0], comparison="b"),
     }
+    for comparison, models in judged.items():
+        prompts = [{"id": i, **{m: {"stop": "eos" if stops[k] else "length"} for m, stops in models.items()}}
+                   for k, i in enumerate(ids)]
+        (results / f"comparison-{comparison}.json").write_text(json.dumps({
+            "meta": {}, "models": {m: {"fp8_gap": None} for m in models},
+            "scores": {"base": scores([0, 0, 0, 0]), **{m: scores(stops) for m, stops in models.items()}},
+            "prompts": prompts}))
     (results / "validate.json").write_text(json.dumps(validated))
     sys.argv = ["fp8_yardstick.py", "table", "--results", str(results), "--speed", str(tmp_path / "speed"),
                 "--out", str(results / "fp8-yardstick.md")]
@@ -135,6 +148,8 @@ def test_fp8_yardstick_table_measures_each_run_in_bf16_seed_spreads(tmp_path):
     rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "out" / "fp8-yardstick.md").read_text().splitlines()
             if line.startswith("| ")}
     assert "1.7423 (+0.0112; 3.5 spreads)" in rows["fp8"] and rows["fp8"].endswith("| 22,876 (1.30x) | **meets the target** |")
+    # paired on the same prompts, across comparison files: seed 42 alone stops on line-2, fp8 alone on the last
+    assert "| 1 / 1 (1) | 1 / 0 / 0 |" in rows["fp8"] and "| 0 / 0 (1) | 1 / 0 / 0 |" in rows["fp8-attention"]
     assert rows["fp8-attention"].endswith("(1.02x) | not close, slow |")  # 2.8 spreads on the bf16 base's loss
     assert rows["fp8-down-bf16"].endswith("| n/a | close, speed not measured |")
     assert "held-out stop: heldout_sql" in rows["run"] and "0.0032" in rows["bf16 seed spread, \\|43 - 42\\|"]
