@@ -10,22 +10,13 @@ saves a resumable checkpoint; the finished adapter, tokenizer, resolved config a
 run_summary.json land in output_dir.
 """
 
-import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
-# Library noise a user cannot act on, silenced before the libraries load: bitsandbytes says on every import
-# without a GPU that an optional kernels package is missing; transformers 5.24 deprecates gradient_checkpointing,
-# the name TRL's SFTConfig still sets and the only one transformers 5.17 knows, and is_gradient_checkpointing,
-# which PEFT still reads; TRL 1.16 deprecates use_liger_kernel for Hub kernels, which need the Hub and are
-# ignored for a model handed to the trainer; Liger 0.8 reports each optional backend it cannot import
-# (CuTe DSL, Ascend), though its Triton kernels, the ones used, are there.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing", category=FutureWarning)
-warnings.filterwarnings("ignore", message="`use_liger_kernel=True` is deprecated", category=FutureWarning)
+from alpaca_sft.quiet import quiet_libraries
+
+quiet_libraries()  # before the libraries load
 
 from accelerate import PartialState
 from trl import ModelConfig, SFTConfig
