@@ -9,6 +9,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from conftest import REPO, parse, write_jsonl
 
 import train_sft
@@ -46,7 +47,7 @@ def test_every_recipe_parses_into_the_argument_dataclasses(recipe, tmp_path, tok
     assert training_args.output_dir.startswith("runs/")
     training_args.output_dir = str(tmp_path / "out")
     assert model_args.model_name_or_path and model_args.use_peft
-    assert script_args.overlong_policy in ("drop", "error")
+    assert script_args.overlong_policy == yaml.safe_load(recipe.read_text()).get("overlong_policy", "drop")
     if "qlora" in recipe.name:
         assert model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4"
     assert not training_args.ddp_find_unused_parameters  # no graph search under DDP
@@ -146,7 +147,6 @@ def test_bad_row_fails_before_weights_load_and_names_the_row(tmp_path, tokenizer
         (["--learning_rate=-1e-4"], "learning_rate=-0.0001: must be > 0"),
         (["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0: must be >= 1"),
         (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps=0: must be >= 1"),
-        (["--model_name_or_path", "build/no-such-model"], "no-such-model"),  # a folder or a Hub id: see below
         (["--model_name_or_path", "/nonexistent"], "model folder /nonexistent does not exist"),
         (["--model_name_or_path", "someone/tiny-mistral"],
          "someone/tiny-mistral: no such local folder, and not in the local Hub cache (HF_HUB_OFFLINE is set); build the tiny"),
@@ -164,9 +164,20 @@ def test_bad_settings_are_refused_before_weights_load(tmp_path, tokenizer_dir, o
     with pytest.raises(SettingsError) as err:  # a choice or a range of the project's own is refused while parsing
         check_settings(*parse("--model_name_or_path", tokenizer_dir, "--output_dir", tmp_path / "out", *override))
     assert message in str(err.value)
-    if "no-such-model" in message:  # "build/" exists in a checkout that ran the quickstart, not in a fresh one
-        assert ("model folder build/no-such-model does not exist" in str(err.value)
-                or "build/no-such-model: no such local folder, and not in the local Hub cache" in str(err.value))
+
+
+def test_a_missing_model_is_a_folder_where_its_first_part_is_one_else_a_hub_id(tmp_path, monkeypatch):
+    from alpaca_sft.train.checks import check_settings
+    from alpaca_sft.train.settings import SettingsError
+
+    monkeypatch.chdir(tmp_path)  # "build/" exists in a checkout that ran the quickstart, not in a fresh one
+    for build_exists, message in ((False, "build/no-such-model: no such local folder, and not in the local Hub cache"),
+                                  (True, "model folder build/no-such-model does not exist")):
+        if build_exists:
+            (tmp_path / "build").mkdir()
+        with pytest.raises(SettingsError) as err:
+            check_settings(*parse("--model_name_or_path", "build/no-such-model", "--output_dir", tmp_path / "out"))
+        assert message in str(err.value)
 
 
 @pytest.mark.slow
