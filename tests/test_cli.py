@@ -321,3 +321,53 @@ def test_a_setting_that_is_almost_surely_a_mistake_is_warned_with_its_number(tin
     assert any("learning_rate=1e+06: LoRA trains at 1e-4 to 1e-3" in w for w in warnings)
     assert any("lora_r=24: more than half the smallest adapted layer's 32 dimensions" in w for w in warnings)
     assert check_settings(*parse("--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out2")) == []
+
+
+def test_a_setting_the_user_gives_is_the_one_the_trainer_gets_and_a_default_fills_only_the_rest(tiny_model_dir, tmp_path):
+    import torch
+
+    from alpaca_sft.train.checks import apply_pipeline_settings, check_settings
+
+    def settled(*flags):
+        args = parse("--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out", *flags)
+        check_settings(*args)
+        apply_pipeline_settings(*args[:2])
+        return args[1]
+
+    given = settled("--logging_nan_inf_filter", "true", "--dataloader_pin_memory", "true")
+    assert given.logging_nan_inf_filter is True and given.dataloader_pin_memory is True
+    unset = settled()  # the pipeline's defaults
+    assert unset.logging_nan_inf_filter is False and unset.include_num_input_tokens_seen is True
+    assert unset.dataloader_pin_memory is torch.cuda.is_available()
+
+
+def _recipe_without_validation(tmp_path):
+    recipe = tmp_path / "no-validation.yaml"
+    recipe.write_text("".join(line for line in (REPO / "recipes/tiny-cpu.yaml").read_text().splitlines(keepends=True)
+                              if not line.startswith("validation_size:")))
+    return ["--config", recipe]
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda t: ["--include_num_input_tokens_seen", "no"], "include_num_input_tokens_seen='no': the run's record"),
+    (lambda t: ["--validation_size", 0, "--eval_strategy", "steps"],
+     "eval_strategy='steps' (command line): there is nothing to evaluate, validation is off"),
+    (lambda t: ["--validation_size", 0, "--samples_at_end", 3], "samples_at_end=3 (command line): there is nothing"),
+    (lambda t: _recipe_without_validation(t), "eval_strategy='steps' (recipe): there is nothing to evaluate"),
+])
+def test_a_setting_the_user_gives_that_cannot_work_is_refused_by_name(make, message, tiny_model_dir, tmp_path):
+    from alpaca_sft.train.checks import check_settings
+    from alpaca_sft.train.settings import SettingsError, parse_settings
+
+    args = make(tmp_path)
+    config = [] if "--config" in args else ["--config", REPO / "recipes/tiny-cpu.yaml"]
+    with pytest.raises(SettingsError) as err:
+        check_settings(*parse_settings(list(map(str, [*config, "--model_name_or_path", tiny_model_dir,
+                                                       "--output_dir", tmp_path / "out", *args]))))
+    assert message in str(err.value)
+
+
+def test_validation_size_0_on_the_command_line_turns_off_the_recipes_evaluations(tiny_model_dir, tmp_path):
+    from alpaca_sft.train.checks import check_settings
+
+    check_settings(*parse("--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out", "--validation_size", 0))
