@@ -59,7 +59,8 @@ def run(script_args, training_args, model_args, state, started: float) -> Outcom
             print(f"{preview(dataset, tokenizer, script_args.preview, path)}\nwrote {path}")
         return None
 
-    shape = run_shape(script_args, training_args, model_args, state.num_processes, report.fingerprint)
+    shape = run_shape(script_args, training_args, model_args, state.num_processes, report.fingerprint,
+                      report.validation_fingerprint)
     if training_args.resume_from_checkpoint:
         report.resumed_with_changes = check_resume(training_args.resume_from_checkpoint, shape,
                                                    script_args.allow_changed_settings) or None

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import NO_VALIDATION, REPO, TINY, train
+from conftest import NO_VALIDATION, REPO, TINY, parse, train, write_jsonl
 from safetensors.torch import load_file
 from transformers import Trainer
 
@@ -208,3 +208,26 @@ def test_a_resume_with_other_settings_is_refused_naming_them(tiny_model_dir, tmp
     assert code == 0, said
     assert json.loads((out / "run_summary.json").read_text())["data"]["resumed_with_changes"] == [
         "checkpoint-4 has no optimizer.pt: the run would go on with a fresh optimizer or schedule"]
+
+
+def test_a_resume_after_a_validation_row_was_edited_is_refused(tiny_model_dir, tmp_path, capsys):
+    from alpaca_sft.data.dataset import build_training_data
+    from alpaca_sft.models.tokenizer import load_tokenizer
+
+    out, data = tmp_path / "run", tmp_path / "data.jsonl"
+    rows = [json.loads(line) for line in (REPO / "data" / "alpaca_sample.jsonl").read_text().splitlines()]
+    write_jsonl(data, rows)
+    flags = ["--model_name_or_path", tiny_model_dir, "--output_dir", out, "--dataset_name", data, "--validation_size", 4,
+             "--eval_strategy", "no", "--eval_on_start", "false", "--samples_at_end", 0, "--max_steps", 2,
+             "--save_strategy", "steps", "--save_steps", 2]
+    code, said = cli(capsys, "--config", TINY, *flags)
+    assert code == 0, said
+    script_args, training_args, _ = parse(*flags)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    _, validation, _ = build_training_data(script_args, tokenizer, training_args.max_length, training_args.seed)
+    held_out = next(row for row in rows if row["output"] in tokenizer.decode(validation[0]["input_ids"]))
+    held_out["output"] += " Edited."  # the same row, still held out: the training examples are as they were
+    write_jsonl(data, rows)
+    code, said = cli(capsys, "--config", TINY, *flags, "--resume_from_checkpoint", "true")
+    assert code == 1 and "the validation examples differ from those checkpoint-2 was validated on" in said
+    assert "the training examples differ" not in said

@@ -108,14 +108,16 @@ def set_aside_newer(output_dir: str | Path, resume_from: str | None) -> list[str
     return moved
 
 
-def run_shape(script_args, training_args, model_args, world_size: int, data_fingerprint: str | None) -> dict:
-    """What makes this run this run: its result-shaping settings, its data and its number of processes."""
+def run_shape(script_args, training_args, model_args, world_size: int, data_fingerprint: str | None,
+              validation_fingerprint: str | None) -> dict:
+    """What makes this run this run: its result-shaping settings, its data (the examples trained on, and those its
+    record's validation history is measured on) and its number of processes."""
     import dataclasses
 
     settings = {**dataclasses.asdict(script_args), **dataclasses.asdict(model_args), **training_args.to_dict()}
     shaping = {k: settings[k] for k in RESULT_SHAPING if k in settings}
-    return json.loads(json.dumps({"settings": shaping, "data_fingerprint": data_fingerprint, "world_size": world_size},
-                                 default=str))
+    return json.loads(json.dumps({"settings": shaping, "data_fingerprint": data_fingerprint,
+                                  "validation_fingerprint": validation_fingerprint, "world_size": world_size}, default=str))
 
 
 def resume_problems(checkpoint: str | Path, shape: dict) -> list[str]:
@@ -127,6 +129,10 @@ def resume_problems(checkpoint: str | Path, shape: dict) -> list[str]:
     if recorded.get("data_fingerprint") != shape["data_fingerprint"]:
         problems.append(f"the training examples differ from those {checkpoint.name} was trained on (same settings, "
                         "other rows: the data file changed)")
+    # A seal written before validation examples were fingerprinted has no such key: nothing to compare with.
+    if recorded.get("validation_fingerprint", shape["validation_fingerprint"]) != shape["validation_fingerprint"]:
+        problems.append(f"the validation examples differ from those {checkpoint.name} was validated on (same settings, "
+                        "other rows: the data changed): the run's validation history would mix two sets of examples")
     if recorded.get("world_size") != shape["world_size"]:
         problems.append(f"{recorded.get('world_size')} processes trained {checkpoint.name}, {shape['world_size']} now: "
                         "the data order and the global batch would change")
