@@ -26,7 +26,7 @@ from alpaca_sft.data.records import DataError
 from alpaca_sft.models.tokenizer import TokenizerError, load_tokenizer
 from alpaca_sft.train.checkpoints import CheckpointSeal, check_resume, run_shape
 from alpaca_sft.train.checks import apply_pipeline_settings, check_settings
-from alpaca_sft.train.output_dir import claim
+from alpaca_sft.train.output_dir import claim, record
 from alpaca_sft.train.run import Outcome, build_trainer, train
 from alpaca_sft.train.settings import ScriptArguments, SettingsError, parse_settings
 
@@ -56,6 +56,7 @@ def run(script_args, training_args, model_args, state, started: float) -> Outcom
     if script_args.preview:
         if state.is_main_process:
             path = Path(training_args.output_dir) / "preview.jsonl"
+            record(path.parent, path.name)  # the run's, in output_dir's record of what runs wrote there
             print(f"{preview(dataset, tokenizer, script_args.preview, path)}\nwrote {path}")
         return None
 

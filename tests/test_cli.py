@@ -135,6 +135,30 @@ def test_bad_row_fails_before_weights_load_and_names_the_row(tmp_path, tokenizer
     assert "row 1 (line 2): `output` is int, not a string" in result.stderr
 
 
+def test_a_full_datasets_cache_is_one_message_saying_where_and_what_to_do(tmp_path, tokenizer_dir, run_train,
+                                                                          monkeypatch):
+    import errno
+    import os
+
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    def cache_on_a_full_disk(*args, **kwargs):  # what datasets raises there (seen on a full tmpfs)
+        raise DatasetGenerationError("An error occurred while generating the dataset") from OSError(
+            errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(datasets, "load_dataset", cache_on_a_full_disk)
+    data = tmp_path / "d.csv"
+    data.write_text("instruction,input,output\nName a color.,,Blue\n")
+    result = run_train("--config", REPO / "recipes/tiny-cpu.yaml", "--model_name_or_path", tokenizer_dir,
+                       "--dataset_name", data, "--output_dir", tmp_path / "out")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"No space left on device while datasets wrote its cache of '{data}' in {datasets.config.HF_DATASETS_CACHE} "
+            "(") in result.stderr
+    assert ("nothing was trained. Free space there, or point the cache at a disk with room "
+            "(HF_DATASETS_CACHE=/path/with/room), and run the same command again") in result.stderr
+
+
 @pytest.mark.parametrize(
     "override,message",
     [

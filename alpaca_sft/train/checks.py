@@ -20,6 +20,7 @@ from ..kernels.fp8_base import fp8_gemm_problem
 from ..launch import fsdp_enabled, launched_processes
 from ..models.sources import model_problem
 from .checkpoints import resume_target
+from .output_dir import folder_problem
 from .run_record import holds_a_run
 from .settings import GIVEN_IN, ScriptArguments, SettingsError, settings_error
 
@@ -36,7 +37,7 @@ def check_settings(script_args, training_args, model_args) -> list[str]:
     for check in (_launch_problems(training_args), _source_problems(script_args, model_args),
                   _validation_problems(script_args), _training_problems(training_args),
                   _adapter_problems(script_args, training_args, model_args), _tracker_problems(training_args),
-                  _output_problems(script_args, training_args, resume),
+                  _output_problems(script_args, training_args, model_args, resume),
                   _pipeline_setting_problems(script_args, training_args)):
         problems += check
     shape_problems, warnings = _model_shape_problems(model_args) if not problems else ([], [])
@@ -202,13 +203,15 @@ def _tracker_problems(training_args) -> list[str]:
     return problems
 
 
-def _output_problems(script_args, training_args, resume) -> list[str]:
+def _output_problems(script_args, training_args, model_args, resume) -> list[str]:
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         return [f"output_dir={output_dir} is a file; give a folder"]
     if script_args.overwrite_output_dir and resume:
         return ["resume_from_checkpoint and overwrite_output_dir are both set: overwriting removes the checkpoints "
                 "a resume would read; pick one"]
+    if problem := folder_problem(output_dir, model_args.model_name_or_path):  # before anything is written or removed
+        return [problem]
     if holds_a_run(output_dir) and not (script_args.overwrite_output_dir or resume or script_args.preview):
         return [f"output_dir={output_dir} already holds a run: pass --resume_from_checkpoint true to continue it, "
                 "--overwrite_output_dir true to replace it, or another --output_dir"]

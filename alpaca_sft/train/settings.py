@@ -103,8 +103,9 @@ class ScriptArguments:
                           "LoRA, norms, embeddings, LM head stay bf16. Speed: bench/RESULTS.md."},
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace the run an output_dir holds: its adapter, record and checkpoints are "
-                                         "removed before this run writes anything."}
+        default=False, metadata={"help": "Replace the run an output_dir holds: what earlier runs listed as written there "
+                                         "(.run_files.json: adapter, record, checkpoints, logs) is removed before this "
+                                         "run writes anything, and nothing else."}
     )
     allow_changed_settings: bool = field(
         default=False, metadata={"help": "Resume although settings that shape the result (model, data, LoRA, batch, "
