@@ -13,19 +13,14 @@ by side.
 """
 
 import argparse
-import logging
 import shlex
 import sys
 import time
-import warnings
 from pathlib import Path
 
-# Library noise a user cannot act on, silenced before the libraries load: bitsandbytes says on every import
-# without a GPU that an optional kernels package is missing; transformers 5.24 deprecates is_gradient_checkpointing,
-# which PEFT still calls.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing", category=FutureWarning)
+from alpaca_sft.quiet import quiet_libraries
 
+quiet_libraries()  # before the libraries load
 
 from alpaca_sft.eval.comparison_dir import ComparisonDir, ComparisonDirError, Interrupted, unfinished_merge
 from alpaca_sft.eval.prompts import ContextError, PromptFileError, check_lengths, read_prompt_files

@@ -10,22 +10,13 @@ saves a resumable checkpoint; the finished adapter, tokenizer, resolved config a
 run_summary.json land in output_dir.
 """
 
-import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
-# Library noise a user cannot act on, silenced before the libraries load: bitsandbytes says on every import
-# without a GPU that an optional kernels package is missing; transformers 5.24 deprecates gradient_checkpointing,
-# the name TRL's SFTConfig still sets and the only one transformers 5.17 knows, and is_gradient_checkpointing,
-# which PEFT still reads; TRL 1.16 deprecates use_liger_kernel for Hub kernels, which need the Hub and are
-# ignored for a model handed to the trainer; Liger 0.8 reports each optional backend it cannot import
-# (CuTe DSL, Ascend), though its Triton kernels, the ones used, are there.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing", category=FutureWarning)
-warnings.filterwarnings("ignore", message="`use_liger_kernel=True` is deprecated", category=FutureWarning)
+from alpaca_sft.quiet import quiet_libraries
+
+quiet_libraries()  # before the libraries load
 
 from accelerate import PartialState
 from trl import ModelConfig, SFTConfig
@@ -35,7 +26,7 @@ from alpaca_sft.data.records import DataError
 from alpaca_sft.models.tokenizer import TokenizerError, load_tokenizer
 from alpaca_sft.train.checkpoints import CheckpointSeal, check_resume, run_shape
 from alpaca_sft.train.checks import apply_pipeline_settings, check_settings
-from alpaca_sft.train.output_dir import claim
+from alpaca_sft.train.output_dir import claim, record
 from alpaca_sft.train.run import Outcome, build_trainer, train
 from alpaca_sft.train.settings import ScriptArguments, SettingsError, parse_settings
 
@@ -65,10 +56,12 @@ def run(script_args, training_args, model_args, state, started: float) -> Outcom
     if script_args.preview:
         if state.is_main_process:
             path = Path(training_args.output_dir) / "preview.jsonl"
+            record(path.parent, path.name)  # the run's, in output_dir's record of what runs wrote there
             print(f"{preview(dataset, tokenizer, script_args.preview, path)}\nwrote {path}")
         return None
 
-    shape = run_shape(script_args, training_args, model_args, state.num_processes, report.fingerprint)
+    shape = run_shape(script_args, training_args, model_args, state.num_processes, report.fingerprint,
+                      report.validation_fingerprint)
     if training_args.resume_from_checkpoint:
         report.resumed_with_changes = check_resume(training_args.resume_from_checkpoint, shape,
                                                    script_args.allow_changed_settings) or None

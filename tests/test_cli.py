@@ -9,6 +9,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from conftest import REPO, parse, write_jsonl
 
 import train_sft
@@ -46,7 +47,7 @@ def test_every_recipe_parses_into_the_argument_dataclasses(recipe, tmp_path, tok
     assert training_args.output_dir.startswith("runs/")
     training_args.output_dir = str(tmp_path / "out")
     assert model_args.model_name_or_path and model_args.use_peft
-    assert script_args.overlong_policy in ("drop", "error")
+    assert script_args.overlong_policy == yaml.safe_load(recipe.read_text()).get("overlong_policy", "drop")
     if "qlora" in recipe.name:
         assert model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4"
     assert not training_args.ddp_find_unused_parameters  # no graph search under DDP
@@ -134,6 +135,30 @@ def test_bad_row_fails_before_weights_load_and_names_the_row(tmp_path, tokenizer
     assert "row 1 (line 2): `output` is int, not a string" in result.stderr
 
 
+def test_a_full_datasets_cache_is_one_message_saying_where_and_what_to_do(tmp_path, tokenizer_dir, run_train,
+                                                                          monkeypatch):
+    import errno
+    import os
+
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    def cache_on_a_full_disk(*args, **kwargs):  # what datasets raises there (seen on a full tmpfs)
+        raise DatasetGenerationError("An error occurred while generating the dataset") from OSError(
+            errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(datasets, "load_dataset", cache_on_a_full_disk)
+    data = tmp_path / "d.csv"
+    data.write_text("instruction,input,output\nName a color.,,Blue\n")
+    result = run_train("--config", REPO / "recipes/tiny-cpu.yaml", "--model_name_or_path", tokenizer_dir,
+                       "--dataset_name", data, "--output_dir", tmp_path / "out")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"No space left on device while datasets wrote its cache of '{data}' in {datasets.config.HF_DATASETS_CACHE} "
+            "(") in result.stderr
+    assert ("nothing was trained. Free space there, or point the cache at a disk with room "
+            "(HF_DATASETS_CACHE=/path/with/room), and run the same command again") in result.stderr
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -146,7 +171,6 @@ def test_bad_row_fails_before_weights_load_and_names_the_row(tmp_path, tokenizer
         (["--learning_rate=-1e-4"], "learning_rate=-0.0001: must be > 0"),
         (["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0: must be >= 1"),
         (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps=0: must be >= 1"),
-        (["--model_name_or_path", "build/no-such-model"], "no-such-model"),  # a folder or a Hub id: see below
         (["--model_name_or_path", "/nonexistent"], "model folder /nonexistent does not exist"),
         (["--model_name_or_path", "someone/tiny-mistral"],
          "someone/tiny-mistral: no such local folder, and not in the local Hub cache (HF_HUB_OFFLINE is set); build the tiny"),
@@ -165,9 +189,20 @@ def test_bad_settings_are_refused_before_weights_load(tmp_path, tokenizer_dir, o
     with pytest.raises(SettingsError) as err:  # a choice or a range of the project's own is refused while parsing
         check_settings(*parse("--model_name_or_path", tokenizer_dir, "--output_dir", tmp_path / "out", *override))
     assert message in str(err.value)
-    if "no-such-model" in message:  # "build/" exists in a checkout that ran the quickstart, not in a fresh one
-        assert ("model folder build/no-such-model does not exist" in str(err.value)
-                or "build/no-such-model: no such local folder, and not in the local Hub cache" in str(err.value))
+
+
+def test_a_missing_model_is_a_folder_where_its_first_part_is_one_else_a_hub_id(tmp_path, monkeypatch):
+    from alpaca_sft.train.checks import check_settings
+    from alpaca_sft.train.settings import SettingsError
+
+    monkeypatch.chdir(tmp_path)  # "build/" exists in a checkout that ran the quickstart, not in a fresh one
+    for build_exists, message in ((False, "build/no-such-model: no such local folder, and not in the local Hub cache"),
+                                  (True, "model folder build/no-such-model does not exist")):
+        if build_exists:
+            (tmp_path / "build").mkdir()
+        with pytest.raises(SettingsError) as err:
+            check_settings(*parse("--model_name_or_path", "build/no-such-model", "--output_dir", tmp_path / "out"))
+        assert message in str(err.value)
 
 
 @pytest.mark.slow
@@ -352,3 +387,53 @@ def test_a_setting_that_is_almost_surely_a_mistake_is_warned_with_its_number(tin
     assert any("learning_rate=1e+06: LoRA trains at 1e-4 to 1e-3" in w for w in warnings)
     assert any("lora_r=24: more than half the smallest adapted layer's 32 dimensions" in w for w in warnings)
     assert check_settings(*parse("--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out2")) == []
+
+
+def test_a_setting_the_user_gives_is_the_one_the_trainer_gets_and_a_default_fills_only_the_rest(tiny_model_dir, tmp_path):
+    import torch
+
+    from alpaca_sft.train.checks import apply_pipeline_settings, check_settings
+
+    def settled(*flags):
+        args = parse("--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out", *flags)
+        check_settings(*args)
+        apply_pipeline_settings(*args[:2])
+        return args[1]
+
+    given = settled("--logging_nan_inf_filter", "true", "--dataloader_pin_memory", "true")
+    assert given.logging_nan_inf_filter is True and given.dataloader_pin_memory is True
+    unset = settled()  # the pipeline's defaults
+    assert unset.logging_nan_inf_filter is False and unset.include_num_input_tokens_seen is True
+    assert unset.dataloader_pin_memory is torch.cuda.is_available()
+
+
+def _recipe_without_validation(tmp_path):
+    recipe = tmp_path / "no-validation.yaml"
+    recipe.write_text("".join(line for line in (REPO / "recipes/tiny-cpu.yaml").read_text().splitlines(keepends=True)
+                              if not line.startswith("validation_size:")))
+    return ["--config", recipe]
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda t: ["--include_num_input_tokens_seen", "no"], "include_num_input_tokens_seen='no': the run's record"),
+    (lambda t: ["--validation_size", 0, "--eval_strategy", "steps"],
+     "eval_strategy='steps' (command line): there is nothing to evaluate, validation is off"),
+    (lambda t: ["--validation_size", 0, "--samples_at_end", 3], "samples_at_end=3 (command line): there is nothing"),
+    (lambda t: _recipe_without_validation(t), "eval_strategy='steps' (recipe): there is nothing to evaluate"),
+])
+def test_a_setting_the_user_gives_that_cannot_work_is_refused_by_name(make, message, tiny_model_dir, tmp_path):
+    from alpaca_sft.train.checks import check_settings
+    from alpaca_sft.train.settings import SettingsError, parse_settings
+
+    args = make(tmp_path)
+    config = [] if "--config" in args else ["--config", REPO / "recipes/tiny-cpu.yaml"]
+    with pytest.raises(SettingsError) as err:
+        check_settings(*parse_settings(list(map(str, [*config, "--model_name_or_path", tiny_model_dir,
+                                                       "--output_dir", tmp_path / "out", *args]))))
+    assert message in str(err.value)
+
+
+def test_validation_size_0_on_the_command_line_turns_off_the_recipes_evaluations(tiny_model_dir, tmp_path):
+    from alpaca_sft.train.checks import check_settings
+
+    check_settings(*parse("--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out", "--validation_size", 0))

@@ -37,6 +37,7 @@ class DataReport:
     trained_tokens: int = 0
     mix: dict[str, Any] | None = None  # mix_in: the second data set, and the share of training examples it makes up
     fingerprint: str | None = None  # of the examples trained on, in order: a resume checks it (train/checkpoints.py)
+    validation_fingerprint: str | None = None  # of the validation examples: a resume checks it too
     resumed_with_changes: list[str] | None = None  # what --allow_changed_settings let a resume change
     validation: dict[str, Any] | None = None  # data/split.py: where the validation examples came from
 
@@ -175,6 +176,7 @@ def build_training_data(script_args, tokenizer, max_length: int | None, seed: in
     dataset, validation = split_validation(dataset, report, size=script_args.validation_size,
                                            seed=script_args.validation_seed, file=script_args.validation_file, build=build)
     report.fingerprint = fingerprint(dataset)
+    report.validation_fingerprint = fingerprint(validation) if validation is not None else None
     return dataset, validation, report
 
 

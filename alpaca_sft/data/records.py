@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..disk import room_left, write_failure
 from ..hub import hub_problem, looks_local
 from .template import render_prompt, render_sql_prompt
 
@@ -175,6 +176,7 @@ def _read_with_datasets(name: str, **kwargs: Any) -> list[Row]:
     if name == "csv":
         kwargs["keep_default_na"] = False  # an empty `input` cell is "", not NaN
         kwargs["encoding"] = "utf-8-sig"  # a byte-order mark is not part of the first column's name
+    source = kwargs.get("data_files", name)
     private = contextlib.nullcontext()  # cache_dir None: datasets' own cache
     if "data_files" in kwargs or Path(name).is_dir():
         Path(datasets.config.HF_DATASETS_CACHE).mkdir(parents=True, exist_ok=True)
@@ -182,8 +184,13 @@ def _read_with_datasets(name: str, **kwargs: Any) -> list[Row]:
     with private as cache_dir:
         try:
             table = datasets.load_dataset(name, cache_dir=cache_dir, **kwargs)
-        except Exception as err:  # the Hub, a parser or the network: say which source failed
-            raise DataError(f"could not load dataset {kwargs.get('data_files', name)!r}: {err}") from err
+        except Exception as err:  # the Hub, a parser, the network or the cache's disk: say which source failed
+            if failure := write_failure(err):  # datasets removes the cache it did not finish
+                cache = datasets.config.HF_DATASETS_CACHE
+                raise DataError(f"{failure} while datasets wrote its cache of {source!r} in {cache} ({room_left(cache)}); "
+                                "nothing was trained. Free space there, or point the cache at a disk with room "
+                                "(HF_DATASETS_CACHE=/path/with/room), and run the same command again") from None
+            raise DataError(f"could not load dataset {source!r}: {err}") from err
         return [Row(index=i, record=record) for i, record in enumerate(table)]
 
 

@@ -91,32 +91,33 @@ def resume_target(training_args) -> str | None:
     return str(path)
 
 
-def set_aside_newer(output_dir: str | Path, resume_from: str | None) -> list[str]:
-    """Rename the checkpoints newer than the one resumed, so that this run's saves never write into them and
-    transformers' rotation never counts them: half-written ones to checkpoint-N.incomplete, sealed ones (a
-    resume from an earlier checkpoint redoes their steps) to checkpoint-N.superseded; returns the new names."""
+def set_aside_plan(output_dir: str | Path, resume_from: str | None) -> list[tuple[Path, Path]]:
+    """The checkpoints newer than the one resumed, each with the name to set it aside under, so that this run's saves
+    never write into them and transformers' rotation never counts them: half-written ones as checkpoint-N.incomplete,
+    sealed ones (a resume from an earlier checkpoint redoes their steps) as checkpoint-N.superseded."""
     if resume_from is None:
         return []
-    moved = []
+    moves = []
     for path in checkpoints(output_dir):
         if _step(path) > _step(Path(resume_from)):
             suffix = ".superseded" if is_sealed(path) else ".incomplete"
             target, n = path.with_name(path.name + suffix), 1
             while target.exists():
                 target, n = path.with_name(f"{path.name}{suffix}{n}"), n + 1
-            path.rename(target)
-            moved.append(target.name)
-    return moved
+            moves.append((path, target))
+    return moves
 
 
-def run_shape(script_args, training_args, model_args, world_size: int, data_fingerprint: str | None) -> dict:
-    """What makes this run this run: its result-shaping settings, its data and its number of processes."""
+def run_shape(script_args, training_args, model_args, world_size: int, data_fingerprint: str | None,
+              validation_fingerprint: str | None) -> dict:
+    """What makes this run this run: its result-shaping settings, its data (the examples trained on, and those its
+    record's validation history is measured on) and its number of processes."""
     import dataclasses
 
     settings = {**dataclasses.asdict(script_args), **dataclasses.asdict(model_args), **training_args.to_dict()}
     shaping = {k: settings[k] for k in RESULT_SHAPING if k in settings}
-    return json.loads(json.dumps({"settings": shaping, "data_fingerprint": data_fingerprint, "world_size": world_size},
-                                 default=str))
+    return json.loads(json.dumps({"settings": shaping, "data_fingerprint": data_fingerprint,
+                                  "validation_fingerprint": validation_fingerprint, "world_size": world_size}, default=str))
 
 
 def resume_problems(checkpoint: str | Path, shape: dict) -> list[str]:
@@ -128,6 +129,10 @@ def resume_problems(checkpoint: str | Path, shape: dict) -> list[str]:
     if recorded.get("data_fingerprint") != shape["data_fingerprint"]:
         problems.append(f"the training examples differ from those {checkpoint.name} was trained on (same settings, "
                         "other rows: the data file changed)")
+    # A seal written before validation examples were fingerprinted has no such key: nothing to compare with.
+    if recorded.get("validation_fingerprint", shape["validation_fingerprint"]) != shape["validation_fingerprint"]:
+        problems.append(f"the validation examples differ from those {checkpoint.name} was validated on (same settings, "
+                        "other rows: the data changed): the run's validation history would mix two sets of examples")
     if recorded.get("world_size") != shape["world_size"]:
         problems.append(f"{recorded.get('world_size')} processes trained {checkpoint.name}, {shape['world_size']} now: "
                         "the data order and the global batch would change")
@@ -150,7 +155,7 @@ def check_resume(checkpoint: str | Path, shape: dict, allow_changes: bool) -> li
     return changed
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "w") as file:
         file.write(text)
@@ -175,4 +180,4 @@ class CheckpointSeal(TrainerCallback):
             dist.barrier()  # every process has written its part (its RNG state, its shard)
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
-            _write_atomically(checkpoint / SEAL, json.dumps({"step": state.global_step, **self.shape}, indent=2))
+            write_atomically(checkpoint / SEAL, json.dumps({"step": state.global_step, **self.shape}, indent=2))

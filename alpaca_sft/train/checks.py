@@ -1,6 +1,7 @@
 """Every setting that can be checked without weights, at once, before any weights load: one SettingsError
 listing each problem and its fix. Each check below returns the problems of one concern; none changes
-anything. Then apply_pipeline_settings: what the pipeline sets on top of any recipe, once the checks pass."""
+anything. Then apply_pipeline_settings: the defaults the pipeline fills in on top of any recipe, once the checks pass,
+never over a value the user gave (one that cannot work is refused by name instead)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from ..kernels.fp8_base import fp8_gemm_problem
 from ..launch import fsdp_enabled, launched_processes
 from ..models.sources import model_problem
 from .checkpoints import resume_target
+from .output_dir import folder_problem
 from .run_record import holds_a_run
-from .settings import ScriptArguments, SettingsError, settings_error
+from .settings import GIVEN_IN, ScriptArguments, SettingsError, settings_error
 
 
 def check_settings(script_args, training_args, model_args) -> list[str]:
@@ -35,7 +37,8 @@ def check_settings(script_args, training_args, model_args) -> list[str]:
     for check in (_launch_problems(training_args), _source_problems(script_args, training_args, model_args),
                   _validation_problems(script_args), _training_problems(training_args),
                   _adapter_problems(script_args, training_args, model_args), _tracker_problems(training_args),
-                  _output_problems(script_args, training_args, resume)):
+                  _output_problems(script_args, training_args, model_args, resume),
+                  _pipeline_setting_problems(script_args, training_args)):
         problems += check
     fp8_layers = script_args.fp8_layers if script_args.fp8_base else None
     shape_problems, warnings = _model_shape_problems(model_args, fp8_layers) if not problems else ([], [])
@@ -217,34 +220,67 @@ def _tracker_problems(training_args) -> list[str]:
     return problems
 
 
-def _output_problems(script_args, training_args, resume) -> list[str]:
+def _output_problems(script_args, training_args, model_args, resume) -> list[str]:
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         return [f"output_dir={output_dir} is a file; give a folder"]
     if script_args.overwrite_output_dir and resume:
         return ["resume_from_checkpoint and overwrite_output_dir are both set: overwriting removes the checkpoints "
                 "a resume would read; pick one"]
+    if problem := folder_problem(output_dir, model_args.model_name_or_path):  # before anything is written or removed
+        return [problem]
     if holds_a_run(output_dir) and not (script_args.overwrite_output_dir or resume or script_args.preview):
         return [f"output_dir={output_dir} already holds a run: pass --resume_from_checkpoint true to continue it, "
                 "--overwrite_output_dir true to replace it, or another --output_dir"]
     return []
 
 
+def _pipeline_setting_problems(script_args, training_args) -> list[str]:
+    """The user's values that apply_pipeline_settings would otherwise have to overrule, refused by name."""
+    problems = []
+    if not script_args.validates:
+        off_since = GIVEN_IN[script_args.given_in("validation_size")]
+        for name, value in _evaluating(script_args, training_args):
+            # validation_size 0 on the command line turns off what the recipe set to evaluate (a flag overrides the
+            # recipe); a setting given as late as it, or later, contradicts it
+            if GIVEN_IN[script_args.given_in(name)] >= max(off_since, GIVEN_IN["recipe"]):
+                problems.append(f"{name}={value!r} ({script_args.given_in(name)}): there is nothing to evaluate, validation "
+                                "is off (validation_size 0, no validation_file); turn it off, or give a validation_size")
+    counted = training_args.include_num_input_tokens_seen
+    if script_args.given_in("include_num_input_tokens_seen") != "default" and counted in ("no", False):
+        problems.append("include_num_input_tokens_seen='no': the run's record and the console's tokens/s read the "
+                        "Trainer's count of input tokens, which this turns off; set it true, or leave it unset")
+    return problems
+
+
+def _evaluating(script_args, training_args) -> list[tuple[str, object]]:
+    """The settings that evaluate or sample on the validation examples, where they are on."""
+    values = {"eval_strategy": IntervalStrategy(training_args.eval_strategy).value,
+              "eval_on_start": training_args.eval_on_start, "samples_at_end": script_args.samples_at_end}
+    return [(name, value) for name, value in values.items() if value not in ("no", False, 0)]
+
+
 def apply_pipeline_settings(script_args: ScriptArguments, training_args) -> None:
-    """What this pipeline sets on top of any recipe, once the settings are checked."""
-    training_args.resume_from_checkpoint = resume_target(training_args)
-    if not script_args.validates:  # validation_size: 0 alone turns validation off
+    """The pipeline's own defaults on top of any recipe, once the settings are checked: each fills a setting the user
+    left unset, or one a later setting of the user's overrides (check_settings refused a user's value that cannot
+    work, naming it)."""
+    training_args.resume_from_checkpoint = resume_target(training_args)  # "true": the newest sealed checkpoint
+    if not script_args.validates:  # validation_size: 0 alone turns validation off, the recipe's evaluations with it
         training_args.eval_strategy, training_args.eval_on_start, script_args.samples_at_end = IntervalStrategy.NO, False, 0
-    if training_args.hub_token:  # kept out of every saved config and log; huggingface_hub reads HF_TOKEN
+    if training_args.hub_token:  # kept out of every saved config and log: huggingface_hub reads it from HF_TOKEN
         os.environ["HF_TOKEN"], training_args.hub_token = training_args.hub_token, None
-    training_args.logging_nan_inf_filter = False  # a NaN loss must show, not be averaged away
+    if script_args.given_in("logging_nan_inf_filter") == "default":
+        training_args.logging_nan_inf_filter = False  # a NaN loss shows in the log as it is, not as the running mean
     # The Trainer's own token counter is what a checkpoint keeps: the run's record spans a resume.
-    if training_args.include_num_input_tokens_seen in ("no", False):
-        training_args.include_num_input_tokens_seen = True  # all tokens: packed rows are padding-free
-    if not torch.cuda.is_available():
+    if script_args.given_in("include_num_input_tokens_seen") == "default":
+        # all tokens, packed rows being padding-free; True, not "all": train_config.yaml, read back as a recipe,
+        # gives this field to a parser that takes only a bool
+        training_args.include_num_input_tokens_seen = True
+    if not torch.cuda.is_available() and script_args.given_in("dataloader_pin_memory") == "default":
         training_args.dataloader_pin_memory = False  # nothing to pin for: it would only warn
     if training_args.torch_compile:
         # Compile one decoder layer and reuse it for all 32 (accelerate's regional compilation), for
         # packed batches whose length changes every step (dynamic shapes): ~1 min, not ~32 or one per step.
+        # Defaults only: a value in the environment is the user's.
         os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
         os.environ.setdefault("ACCELERATE_DYNAMO_USE_DYNAMIC", "true")

@@ -1,9 +1,16 @@
-"""A run's folder: one run in it at a time, and a clean start when the user asks to replace the run in it.
+"""A run's folder: one run in it at a time, a record of what runs wrote in it, and a clean start when the user
+asks to replace the run in it.
 
 The lock is an advisory lock (flock) on output_dir/.lock, held by the main process for the whole run: the
 kernel drops it when that process ends, however it ends (kill -9 included), so a lock is never stale; the
 file keeps the last holder's pid and start time, to name it when a second run is refused, or when a run
-takes a folder over from one that is gone."""
+takes a folder over from one that is gone.
+
+The record, output_dir/.run_files.json, lists every file and folder a run created there (checkpoints, the
+adapter, the tokenizer, the model card transformers and PEFT write, tensorboard's runs/ ...). A name is listed
+before it is written, atomically, so a run killed mid-write leaves it listed. A run refuses a folder that holds
+anything the record does not list, a model folder included, so it never writes over what it did not create, and
+--overwrite_output_dir removes what the record lists and nothing else."""
 
 from __future__ import annotations
 
@@ -15,16 +22,74 @@ import socket
 import time
 from pathlib import Path
 
-from .checkpoints import set_aside_newer
+from .checkpoints import set_aside_plan, write_atomically
 from .settings import SettingsError
 
 LOCK_FILE = ".lock"
-# What a run writes into output_dir (transformers', PEFT's and this project's files): what a clean start
-# removes. Anything else in the folder is the user's and stays.
-RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md", "train_config.yaml", "run_summary.json",
-             "trainer_state.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-             "chat_template.jinja", "generation_config.json", "preview.jsonl", "training_args.bin")
-RUN_GLOBS = ("checkpoint-*", "runs")
+RUN_FILES = ".run_files.json"
+# Written only by this module, under these names: the pipeline's own whatever the record says.
+OWN_FILES = (LOCK_FILE, RUN_FILES, RUN_FILES + ".tmp")
+# What makes a folder a model (transformers' file names); a run of a full fine-tune writes them too, listed.
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+NAMES_SHOWN = 10
+
+
+def listed(output_dir: str | Path) -> set[str]:
+    """The names runs recorded as written in output_dir (none for a folder without a record)."""
+    try:
+        return set(json.loads((Path(output_dir) / RUN_FILES).read_text())["files"])
+    except FileNotFoundError:
+        return set()
+
+
+def record(output_dir: str | Path, *names: str) -> None:
+    """List `names` (entries of output_dir) as this run's, before it writes them."""
+    folder, files = Path(output_dir), listed(output_dir)
+    if not set(names) <= files:
+        write_atomically(folder / RUN_FILES, json.dumps({"files": sorted(files | set(names))}, indent=1))
+
+
+def record_present(output_dir: str | Path) -> None:
+    """List whatever is in output_dir now, and forget listed names that are gone: called by the run holding the
+    folder after the libraries wrote into it, so that a file one of them added under a name not listed
+    beforehand is known as the run's too (the claim refused anything else, and the lock keeps other runs out)."""
+    folder = Path(output_dir)
+    present = {p.name for p in folder.iterdir() if p.name not in OWN_FILES}
+    if present != listed(folder):
+        write_atomically(folder / RUN_FILES, json.dumps({"files": sorted(present)}, indent=1))
+
+
+def _written_by_a_run(name: str, files: set[str]) -> bool:
+    """Listed, or the temporary name of a listed file written atomically (train/checkpoints.py's write_atomically)."""
+    return name in files or name in OWN_FILES or (name.endswith(".tmp") and name.removesuffix(".tmp") in files)
+
+
+def not_listed(output_dir: str | Path) -> list[str]:
+    """What output_dir holds that no run recorded as written; a folder's name ends in /."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    files = listed(folder)
+    others = [p.name for p in folder.iterdir() if not _written_by_a_run(p.name, files)]
+    return sorted(name + "/" if (folder / name).is_dir() else name for name in others)
+
+
+def folder_problem(output_dir: str | Path, base: str | None) -> str | None:
+    """Why a run must not write into output_dir (a model folder; files no run wrote), or None."""
+    folder, others = Path(output_dir), not_listed(output_dir)
+    if not others:
+        return None
+    shown = ", ".join(others[:NAMES_SHOWN]) + (f" and {len(others) - NAMES_SHOWN} more" if len(others) > NAMES_SHOWN else "")
+    model = [name for name in others if name in MODEL_FILES]
+    if model:
+        whose = " (the base model's own folder)" if base and Path(base).expanduser().resolve() == folder.resolve() else ""
+        return (f"output_dir={folder} is a model folder{whose}: it holds {', '.join(model)}, which no run wrote. A run "
+                "writes its adapter, tokenizer and model card in output_dir, and --overwrite_output_dir removes only what "
+                "a run wrote there: give another --output_dir (a new or empty folder)")
+    return (f"output_dir={folder} holds {shown}, which no run of train_sft.py wrote (a run lists what it writes in "
+            f"{RUN_FILES}). A run never writes over or removes anything else, --overwrite_output_dir included: give "
+            "another --output_dir (a new or empty folder), or move those out of this one")
 
 
 class OutputDirLock:
@@ -82,19 +147,16 @@ def took_over_note(lock: OutputDirLock) -> str | None:
 
 
 def start_clean(output_dir: str | Path) -> list[str]:
-    """Remove what an earlier run left in output_dir (its adapter, record, checkpoints, logs), so that nothing of
-    it can be resumed into or mistaken for this run's; returns what was removed. Other files are left alone."""
-    folder, removed = Path(output_dir), []
-    if not folder.is_dir():
-        return removed
-    for path in sorted([folder / name for name in RUN_FILES] + [p for g in RUN_GLOBS for p in folder.glob(g)]):
-        if path.is_dir():
+    """Remove what earlier runs wrote in output_dir, as their record lists it (adapter, record, checkpoints, logs), so
+    that nothing of them can be resumed into or mistaken for this run's; returns what was removed."""
+    folder, files = Path(output_dir), listed(output_dir)
+    removed = sorted(p.name for p in folder.iterdir() if p.name not in OWN_FILES and _written_by_a_run(p.name, files))
+    for path in (folder / name for name in removed):
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
         else:
-            continue
-        removed.append(path.name)
+            path.unlink()
+    record_present(folder)
     return removed
 
 
@@ -113,7 +175,7 @@ def claim(script_args, training_args, is_main_process: bool) -> OutputDirLock | 
             if script_args.overwrite_output_dir and not resume and not script_args.preview:
                 removed = start_clean(training_args.output_dir)
                 notes.append(f"--overwrite_output_dir: removed the earlier run's {', '.join(removed)}" if removed else None)
-            moved = set_aside_newer(training_args.output_dir, resume)
+            moved = _set_aside_newer(training_args.output_dir, resume)
             notes.append(f"resuming from {resume}; set aside: {', '.join(moved)} (.incomplete: not completely written; "
                          ".superseded: steps this run redoes)" if moved else None)
             said = [None, [n for n in notes if n]]
@@ -125,3 +187,12 @@ def claim(script_args, training_args, is_main_process: bool) -> OutputDirLock | 
     for note in notes if is_main_process else []:
         print(note, flush=True)
     return lock
+
+
+def _set_aside_newer(output_dir, resume: str | None) -> list[str]:
+    """train/checkpoints.py's set_aside_plan carried out, each new name listed before the rename."""
+    moves = set_aside_plan(output_dir, resume)
+    record(output_dir, *(target.name for _, target in moves))
+    for source, target in moves:
+        source.rename(target)
+    return [target.name for _, target in moves]

@@ -4,18 +4,22 @@ samples, the run's record). Nothing here ends the process: train_sft.py turns th
 
 from __future__ import annotations
 
-import errno
+import os
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from peft.helpers import disable_input_dtype_casting
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer, get_peft_config, get_quantization_config
 
+from ..disk import room_left, write_failure
 from ..kernels.attention import resolve_attention
 from ..kernels.fp8_base import quantize_frozen_base
 from ..kernels.fused_lora import fuse_lora
@@ -24,12 +28,35 @@ from ..models.loading import load_model, set_generation_ids
 from ..models.sources import model_fingerprint
 from .callbacks import EvaluateAtEnd, GracefulStop, NonFiniteGuard, ProgressLine, ThroughputRecord
 from .checkpoints import newest_sealed
-from .run_record import peak_gpu_memory_per_process, run_summary, save_resolved_config, write_json
+from .output_dir import record, record_present
+from .run_record import (CONFIG_FILE, SUMMARY_FILE, peak_gpu_memory_per_process, run_summary, save_resolved_config,
+                         write_json)
 from .validation import ValidatingSFTTrainer, samples_at_end, samples_text
+
+
+# The finished adapter is written here whole, checked, then moved into output_dir (save_adapter).
+STAGING = ".adapter.saving"
+TRAINER_STATE = "trainer_state.json"
 
 
 class IncompleteAdapterError(RuntimeError):
     """The adapter on disk is not what was trained: a tensor missing, cut to one process's shard, or different."""
+
+
+class AdapterWriteError(RuntimeError):
+    """The adapter could not be written: the disk is full, or refuses writes."""
+
+
+class RunTrainer(ValidatingSFTTrainer):
+    """The run's trainer: each checkpoint-N is listed in output_dir's record of the run's files (train/output_dir.py)
+    before a byte of it is written, and so is the model card TRL's SFTTrainer writes into output_dir with every
+    checkpoint. transformers' _save_checkpoint writes every checkpoint, whatever asked for it (a step, an epoch, a
+    best metric, a stop), and SFTTrainer's override of it writes the card."""
+
+    def _save_checkpoint(self, model, trial):
+        if self.is_world_process_zero():
+            record(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}", "README.md")
+        super()._save_checkpoint(model, trial)
 
 
 @dataclass
@@ -58,7 +85,7 @@ def build_trainer(script_args, training_args, model_args, tokenizer, dataset, ev
     model.config.use_cache = False  # training: the KV cache is dead weight, and packed rows need none
     set_generation_ids(model, tokenizer)
     callbacks = [ThroughputRecord(), ProgressLine(), GracefulStop(), NonFiniteGuard()] + ([seal] if seal else [])
-    trainer = ValidatingSFTTrainer(
+    trainer = RunTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
@@ -94,22 +121,12 @@ def train(trainer, script_args, model_args, data_report, started: float, validat
     main = trainer.accelerator.is_main_process
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved_config(output_dir / "train_config.yaml", script_args, args, model_args)
-    # PEFT keeps LoRA weights in fp32 and upcasts each adapted layer's bf16 input to match; under
-    # bf16 autocast the matmul then runs in bf16 anyway, so the upcast only adds an fp32 copy and a
-    # bf16 re-cast, saved for backward, of every adapted input. Same gradients, less memory traffic.
-    broken = None
-    try:
-        with disable_input_dtype_casting(trainer.model, active=args.bf16 or args.fp16):
-            trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    except KeyboardInterrupt:  # a second Ctrl-C, during the save the first one asked for
-        broken = _interrupted(output_dir, "interrupted again while saving", 128 + signal.SIGINT)
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
-            raise
-        broken = _interrupted(output_dir, f"{err.strerror} while writing", 1, err)
+        # transformers' TensorBoardCallback logs to output_dir/runs/ (unless TENSORBOARD_LOGGING_DIR says elsewhere)
+        tensorboard = ["runs"] if "tensorboard" in (args.report_to or []) else []
+        record(output_dir, CONFIG_FILE, TRAINER_STATE, SUMMARY_FILE, *tensorboard)
+        save_resolved_config(output_dir / CONFIG_FILE, script_args, args, model_args)
+    broken = _train(trainer, output_dir)
     if broken is not None:  # the Trainer's state is mid-step or mid-save: nothing more is written from it
-        broken.trainer = trainer
         return broken
 
     outcome = _how_it_ended(trainer, output_dir)
@@ -117,16 +134,55 @@ def train(trainer, script_args, model_args, data_report, started: float, validat
         try:
             save_adapter(trainer.accelerator.unwrap_model(trainer.model), output_dir, trainer.processing_class, main)
         except IncompleteAdapterError as err:
-            outcome = Outcome(f"failed: {err}", f"{err}\nThe checkpoints in {output_dir} hold the training state; "
-                              "resume from the last one.", 1, output_dir)
+            outcome = Outcome(f"failed: {err}", f"{err}\nNothing of it was kept; the checkpoints in {output_dir} hold the "
+                              "training state: resume from the last one.", 1, output_dir)
+        except AdapterWriteError as err:
+            outcome = _interrupted(output_dir, str(err), 1)
     samples = None
     if outcome.completed and script_args.samples_at_end and validation is not None:
         samples = samples_at_end(trainer, validation, script_args.samples_at_end, script_args.sample_max_new_tokens)
         if samples:
             print(samples_text(samples), flush=True)
-    trainer.save_state()  # trainer_state.json: the whole log history, every logged loss with its step
+    outcome = _write_record(trainer, model_args, data_report, started, outcome, samples)
+    trainer.accelerator.wait_for_everyone()
+    outcome.trainer = trainer
+    return outcome
+
+
+def _train(trainer, output_dir: Path) -> Outcome | None:
+    """trainer.train(); None when it returned, else the Outcome of a second Ctrl-C or a failed write."""
+    args = trainer.args
+    # PEFT keeps LoRA weights in fp32 and upcasts each adapted layer's bf16 input to match; under
+    # bf16 autocast the matmul then runs in bf16 anyway, so the upcast only adds an fp32 copy and a
+    # bf16 re-cast, saved for backward, of every adapted input. Same gradients, less memory traffic.
+    try:
+        with disable_input_dtype_casting(trainer.model, active=args.bf16 or args.fp16):
+            trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        return None
+    except KeyboardInterrupt:  # a second Ctrl-C, during the save the first one asked for
+        broken = _interrupted(output_dir, "interrupted again while saving", 128 + signal.SIGINT)
+    except Exception as err:  # a full disk, said in whichever way the library writing met it (alpaca_sft/disk.py)
+        if not (failure := write_failure(err)):
+            raise
+        _, unsealed = newest_sealed(output_dir)
+        written = getattr(err, "filename", None) or (unsealed[-1] if unsealed else output_dir)
+        broken = _interrupted(output_dir, f"{failure} while writing {written} ({room_left(written)})", 1)
+    broken.trainer = trainer
+    return broken
+
+
+def _write_record(trainer, model_args, data_report, started: float, outcome: Outcome, samples) -> Outcome:
+    """trainer_state.json (the whole log history, every logged loss with its step) and run_summary.json; a disk that
+    cannot take them fails the run in one message."""
+    output_dir, main = outcome.output_dir, trainer.accelerator.is_main_process
+    failure = None
+    try:
+        trainer.save_state()
+    except Exception as err:
+        if not (failure := write_failure(err)):
+            raise
     peaks = peak_gpu_memory_per_process()  # a collective: every process takes part
-    if main:
+    if main and failure is None:
         summary = run_summary(
             trainer, data_report, started, outcome.status,
             peak_gpu_memory_gib=max(peaks) if peaks else None, peak_gpu_memory_gib_per_process=peaks,
@@ -135,20 +191,27 @@ def train(trainer, script_args, model_args, data_report, started: float, validat
             base_fingerprint=model_fingerprint(model_args.model_name_or_path, model_args.model_revision),
             samples_at_end=samples,
         )
-        write_json(output_dir / "run_summary.json", summary)
-    trainer.accelerator.wait_for_everyone()
-    outcome.trainer = trainer
-    return outcome
+        try:
+            write_json(output_dir / SUMMARY_FILE, summary)
+            record_present(output_dir)
+        except OSError as err:
+            if not (failure := write_failure(err)):
+                raise
+    if failure is None:
+        return outcome
+    said = outcome.message or f"the adapter in {output_dir} is complete and checked"
+    return Outcome(f"failed: {failure} while writing the run's record", f"{said}\n{failure} while writing the run's "
+                   f"record ({TRAINER_STATE}, {SUMMARY_FILE}) in {output_dir} ({room_left(output_dir)}): it is not "
+                   "complete.", 1, output_dir)
 
 
-def _interrupted(output_dir: Path, what: str, exit_code: int, err: OSError | None = None) -> Outcome:
+def _interrupted(output_dir: Path, what: str, exit_code: int) -> Outcome:
     last_good, unsealed = newest_sealed(output_dir)
-    where = f" {err.filename}" if err is not None and err.filename else ""
     skipped = f"; {', '.join(p.name for p in unsealed)} was not completely written and will be skipped" if unsealed else ""
     resume = ("resume with --resume_from_checkpoint true" + (" once there is room on the disk" if exit_code == 1 else "")
               if last_good else "start again")
-    return Outcome(f"{'failed' if exit_code == 1 else 'stopped'}: {what}{where}",
-                   f"{what}{where}. The last complete checkpoint is {last_good or 'none'}{skipped}: {resume}.",
+    return Outcome(f"{'failed' if exit_code == 1 else 'stopped'}: {what}",
+                   f"{what}. The last complete checkpoint is {last_good or 'none'}{skipped}: {resume}.",
                    exit_code, output_dir)
 
 
@@ -176,16 +239,51 @@ def save_adapter(model, output_dir: Path, tokenizer, is_main_process: bool) -> N
     tensor, and transformers' Trainer.save_model writes nothing at all with FSDP's sharded state
     dict. torch's get_model_state_dict gathers the trainable tensors at full shape onto the main
     process (a collective: every process must call this), and PEFT writes them in its own format.
+    Raises IncompleteAdapterError or AdapterWriteError on every process, so that all take the same way on.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     trained = get_model_state_dict(model, options=options)
-    if is_main_process:
-        model.save_pretrained(output_dir, state_dict=trained)
-        tokenizer.save_pretrained(output_dir)
-        model.generation_config.save_pretrained(output_dir)
-        check_adapter(output_dir, model, trained)
+    problem = _write_adapter(model, Path(output_dir), tokenizer, trained) if is_main_process else None
+    if dist.is_available() and dist.is_initialized():
+        said = [problem]
+        dist.broadcast_object_list(said, src=0)
+        problem = said[0]
+    if problem is not None:
+        raise problem
+
+
+def _write_adapter(model, output_dir: Path, tokenizer, trained: dict) -> Exception | None:
+    """The adapter, tokenizer and generation config written into output_dir/STAGING and checked there, then moved into
+    output_dir file by file, adapter_config.json (what makes a folder an adapter to PEFT) last: a save cut short
+    leaves nothing that looks like an adapter. Returns what went wrong, having removed what it wrote."""
+    staging = output_dir / STAGING
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        record(output_dir, STAGING)
+        shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
+        staging.mkdir()
+        if (output_dir / "README.md").is_file():  # TRL's card, written with the checkpoints: PEFT updates it
+            shutil.copy2(output_dir / "README.md", staging / "README.md")
+        model.save_pretrained(staging, state_dict=trained)
+        tokenizer.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        check_adapter(staging, model, trained)
+        names = sorted((p.name for p in staging.iterdir()), key=lambda name: name == "adapter_config.json")
+        record(output_dir, *names)
+    except Exception as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, IncompleteAdapterError):
+            return err
+        if failure := write_failure(err):
+            return AdapterWriteError(f"{failure} while saving the adapter to {output_dir} ({room_left(output_dir)}); "
+                                     "nothing of it was kept")
+        raise
+    for name in names:
+        os.replace(staging / name, output_dir / name)
+    staging.rmdir()
+    return None
 
 
 def check_adapter(output_dir: Path, model, trained: dict[str, torch.Tensor]) -> None:

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from .checkpoints import write_atomically
+
 RUN_MARKERS = ("adapter_config.json", "run_summary.json", "model.safetensors", "trainer_state.json")
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "liger-kernel", "flash-attn")
 CONFIG_FILE, SUMMARY_FILE = "train_config.yaml", "run_summary.json"
@@ -100,7 +102,7 @@ def write_json(path: Path, payload: dict) -> None:
     def clean(value):
         return None if isinstance(value, float) and not math.isfinite(value) else value
 
-    path.write_text(json.dumps({k: clean(v) for k, v in payload.items()}, indent=2, default=str))
+    write_atomically(path, json.dumps({k: clean(v) for k, v in payload.items()}, indent=2, default=str))
 
 
 @dataclass

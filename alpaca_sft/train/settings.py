@@ -2,13 +2,17 @@
 
 Choices are declared as Literal types, so that argparse itself refuses a value outside them; ranges of
 the project's own fields are checked in ScriptArguments.__post_init__; everything that needs the
-library's fields, the files or the machine is in train/checks.py."""
+library's fields, the files or the machine is in train/checks.py. Parsing also notes where each setting was
+given (the recipe, the command line), so that the pipeline's own defaults never overrule one (train/checks.py)."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
 import yaml
@@ -33,8 +37,16 @@ def settings_error(problems: list[str]) -> SettingsError:
     return SettingsError("bad settings:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+# Where a setting was given, later ones overriding earlier ones: a setting no recipe key or flag names is a default.
+GIVEN_IN = {"default": 0, "recipe": 1, "command line": 2}
+
+
 @dataclass
 class ScriptArguments:
+    # Each setting the user gave (of all three dataclasses) and where: "recipe" or "command line" (parse_settings).
+    # Not a field: neither a flag nor a recipe key, nor part of the run's saved config.
+    given: ClassVar[dict[str, str]] = {}
+
     dataset_name: str = field(
         default="tatsu-lab/alpaca",
         metadata={"help": "Hub dataset id, or a local .json/.jsonl/.parquet/.csv with instruction/input/output "
@@ -103,8 +115,9 @@ class ScriptArguments:
                           "FP8 forward, slower, 1.5x those layers' bf16 weight memory)."},
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace the run an output_dir holds: its adapter, record and checkpoints are "
-                                         "removed before this run writes anything."}
+        default=False, metadata={"help": "Replace the run an output_dir holds: what earlier runs listed as written there "
+                                         "(.run_files.json: adapter, record, checkpoints, logs) is removed before this "
+                                         "run writes anything, and nothing else."}
     )
     allow_changed_settings: bool = field(
         default=False, metadata={"help": "Resume although settings that shape the result (model, data, LoRA, batch, "
@@ -149,6 +162,10 @@ class ScriptArguments:
     def validates(self) -> bool:
         return bool(self.validation_size or self.validation_file)
 
+    def given_in(self, name: str) -> str:
+        """Where the setting `name` came from: "default", "recipe" or "command line"."""
+        return self.given.get(name, "default")
+
 
 def parse_settings(argv: list[str] | None = None):
     """(ScriptArguments, SFTConfig, ModelConfig) from --config YAML and the command line, which
@@ -161,8 +178,11 @@ def parse_settings(argv: list[str] | None = None):
         raise SettingsError(f"{message} (train_sft.py --help lists every setting)")
 
     parser.error = refuse
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return parser.parse_args_and_config(argv)
+        script_args, training_args, model_args = parser.parse_args_and_config(argv)
+        script_args.given = _where_given(parser, argv)
+        return script_args, training_args, model_args
     except SettingsError:
         raise
     except yaml.YAMLError as err:  # a tab where YAML wants spaces, an unclosed quote
@@ -172,3 +192,19 @@ def parse_settings(argv: list[str] | None = None):
             raise SettingsError("the recipe trains in bf16 on a GPU, and this machine has none: to train on the CPU "
                                 f"(slowly), add {' '.join(CPU_OVERRIDES)} (FP8 and 4-bit bases need a GPU)") from None
         raise SettingsError(str(err)) from None
+
+
+def _where_given(parser, argv: list[str]) -> dict[str, str]:
+    """Each setting a key of the --config recipe or a flag gives. The recipe's keys are read from it (TrlParser made
+    them the parser's defaults, so the parsed values cannot tell); the flags by parsing argv again into a namespace
+    that already holds a marker for every setting, which argparse then leaves wherever no flag sets a value."""
+    given, argv = {}, list(argv)
+    if "--config" in argv:
+        at = argv.index("--config")
+        recipe = yaml.safe_load(Path(argv[at + 1]).read_text())  # read and checked by TrlParser already
+        given = {key: "recipe" for key in recipe if key != "env"}
+        del argv[at : at + 2]
+    unset = object()
+    names = [f.name for dtype in parser.dataclass_types for f in fields(dtype) if f.init]
+    flags, _ = parser.parse_known_args(argv, namespace=argparse.Namespace(**dict.fromkeys(names, unset)))
+    return given | {name: "command line" for name, value in vars(flags).items() if value is not unset}
