@@ -47,8 +47,9 @@ def parse_args(argv=None):
                         help="JSONL files: instruction/input, question/context/answer or prompt, optional reference and schema")
     parser.add_argument("--output_dir", default=None, help="default with one --tuned: <tuned>-comparison; needed with several")
     parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=128,
-                        help="prompts generated at once, in batches of similar length (bench/RESULTS.md: prompts per second)")
+    parser.add_argument("--batch_size", type=int, default=512,
+                        help="prompts generated at once, in batches of similar length; one that runs out of GPU memory "
+                             "is split (bench/RESULTS.md: prompts per second by batch size)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--allow_other_base", action="store_true", help="merge an adapter into a base it was not trained on")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the merged model, tokenizer and card (one --tuned)")
