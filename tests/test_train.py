@@ -44,6 +44,13 @@ def test_lora_weights_move_and_base_weights_do_not(tiny_model_dir, tmp_path):
     assert adapter and all("lora_" in key for key in adapter)
 
 
+def test_one_named_target_module_is_adapted(tiny_model_dir, tmp_path):
+    # TRL hands a one-name list to PEFT as the name alone, a pattern PEFT matches against whole module names
+    train(tiny_model_dir, tmp_path / "run", "--max_steps", 1, "--lora_target_modules", "q_proj")
+    adapted = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in load_file(tmp_path / "run" / "adapter_model.safetensors")}
+    assert adapted == {"q_proj"}
+
+
 def test_tuned_tiny_model_answers_and_stops_where_untuned_runs_on(tiny_model_dir, tuned_three):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

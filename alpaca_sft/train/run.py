@@ -5,6 +5,7 @@ samples, the run's record). Nothing here ends the process: train_sft.py turns th
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -74,6 +75,17 @@ class Outcome:
         return self.status == "completed"
 
 
+def lora_config(model_args):
+    """TRL's LoRA config from the settings. TRL's ModelConfig turns a one-name lora_target_modules list into the
+    name itself, which PEFT reads as a pattern for a whole module name, so `[q_proj]` would match no layer; a bare
+    name goes back to the list it was given as (a pattern, all-linear and longer lists pass as they are)."""
+    config = get_peft_config(model_args)
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str) and targets != "all-linear" and re.fullmatch(r"\w+", targets):
+        config.target_modules = {targets}
+    return config
+
+
 def build_trainer(script_args, training_args, model_args, tokenizer, dataset, eval_dataset=None, seal=None) -> SFTTrainer:
     """The model and SFTTrainer as train_sft.py trains them, its console line, stops and validation included;
     `seal` (train/checkpoints.py's CheckpointSeal) marks each checkpoint complete once it is."""
@@ -91,7 +103,7 @@ def build_trainer(script_args, training_args, model_args, tokenizer, dataset, ev
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=lora_config(model_args),
         callbacks=callbacks + ([EvaluateAtEnd()] if eval_dataset is not None else []),
     )
     for printer in (ProgressCallback, PrinterCallback):  # ProgressLine is the console's one line per log
