@@ -120,12 +120,24 @@ def run_shape(script_args, training_args, model_args, world_size: int, data_fing
                                   "validation_fingerprint": validation_fingerprint, "world_size": world_size}, default=str))
 
 
+def _project_defaults() -> dict:
+    """The project's own settings' defaults (ScriptArguments), as run_shape records values."""
+    import dataclasses
+
+    from .settings import ScriptArguments
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ScriptArguments) if f.default is not dataclasses.MISSING}
+    return json.loads(json.dumps(defaults, default=str))
+
+
 def resume_problems(checkpoint: str | Path, shape: dict) -> list[str]:
     """How resuming `checkpoint` with this run's shape would not continue the run checkpointed."""
     checkpoint = Path(checkpoint)
     recorded = json.loads((checkpoint / SEAL).read_text())
-    problems = [f"{key}: {recorded['settings'].get(key)!r} in {checkpoint.name}, {value!r} now"
-                for key, value in shape["settings"].items() if recorded["settings"].get(key) != value]
+    # A setting the project added after the seal was written is missing from it: that run had its default.
+    before = {**_project_defaults(), **recorded["settings"]}
+    problems = [f"{key}: {before.get(key)!r} in {checkpoint.name}, {value!r} now"
+                for key, value in shape["settings"].items() if before.get(key) != value]
     if recorded.get("data_fingerprint") != shape["data_fingerprint"]:
         problems.append(f"the training examples differ from those {checkpoint.name} was trained on (same settings, "
                         "other rows: the data file changed)")
