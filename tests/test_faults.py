@@ -284,6 +284,17 @@ def test_a_broken_overwriting_run_leaves_no_record_of_another_adapter(tiny_model
     assert yaml.safe_load((out / "train_config.yaml").read_text())["lora_r"] == 4
 
 
+def test_a_run_from_before_the_record_of_its_files_resumes(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tiny_model_dir, out, *STEPS).completed
+    (out / RUN_FILES).unlink()  # what the pipeline left before it kept the record, tensorboard's folder among it
+    (out / "runs").mkdir()
+    code, said = cli(capsys, "--config", TINY, "--model_name_or_path", tiny_model_dir, "--output_dir", out,
+                     *NO_VALIDATION, *STEPS, "--resume_from_checkpoint", out / "checkpoint-4")
+    assert code == 0, said
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+
+
 def test_a_resume_with_other_settings_is_refused_naming_them(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     data = tmp_path / "data.jsonl"

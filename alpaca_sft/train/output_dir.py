@@ -33,14 +33,29 @@ OWN_FILES = (LOCK_FILE, RUN_FILES, RUN_FILES + ".tmp")
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")
 NAMES_SHOWN = 10
+# What a run wrote before runs kept a record (this project until 2026-12-06), by name: in a folder that holds such a
+# run (its train_config.yaml or a sealed checkpoint) these are taken as its, so that it can still be resumed or
+# replaced.
+UNRECORDED_RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md", "train_config.yaml",
+                        "run_summary.json", "trainer_state.json", "tokenizer.json", "tokenizer_config.json",
+                        "tokenizer.model", "special_tokens_map.json", "chat_template.jinja", "generation_config.json",
+                        "preview.jsonl", "training_args.bin", "runs")
 
 
 def listed(output_dir: str | Path) -> set[str]:
-    """The names runs recorded as written in output_dir (none for a folder without a record)."""
+    """The names runs recorded as written in output_dir (for a run from before the record, the names such runs
+    wrote; none for a folder that holds no run)."""
+    folder = Path(output_dir)
     try:
-        return set(json.loads((Path(output_dir) / RUN_FILES).read_text())["files"])
+        return set(json.loads((folder / RUN_FILES).read_text())["files"])
     except FileNotFoundError:
+        return _written_before_the_record(folder)
+
+
+def _written_before_the_record(folder: Path) -> set[str]:
+    if not ((folder / "train_config.yaml").is_file() or any(folder.glob("checkpoint-*/checkpoint.json"))):
         return set()
+    return {p.name for p in folder.iterdir() if p.name in UNRECORDED_RUN_FILES or p.name.startswith("checkpoint-")}
 
 
 def record(output_dir: str | Path, *names: str) -> None:
