@@ -30,6 +30,7 @@ from alpaca_sft.models.generation import generate
 from alpaca_sft.models.loading import load_model, this_process_device
 from alpaca_sft.models.tokenizer import TokenizerError, load_tokenizer
 from alpaca_sft.release.card import model_card
+from alpaca_sft.release.gguf_export import K_QUANTS, TYPES, ExportError, export_for_release, push_files, release_name
 from alpaca_sft.release.merge import logits_on, merge, quantized_gap, save_merged
 from alpaca_sft.release.pairing import PairError, inspect_pair
 from alpaca_sft.release.push import PushError, check_can_push, push
@@ -51,7 +52,13 @@ def parse_args(argv=None):
     parser.add_argument("--allow_other_base", action="store_true", help="merge an adapter into a base it was not trained on")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the merged model, tokenizer and card")
     parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
+    parser.add_argument("--gguf", nargs="+", choices=TYPES, metavar="TYPE", help="also write the merged model as GGUF "
+                        "files beside merged/, each with an Ollama Modelfile (pushed too): bf16, f16, q8_0; K-quants "
+                        "(q4_k_m, q5_k_m, q6_k) with --llama_quantize")
+    parser.add_argument("--llama_quantize", metavar="PATH", help="llama.cpp's llama-quantize binary, for --gguf K-quants")
     args = parser.parse_args(argv)
+    if set(args.gguf or ()) & set(K_QUANTS) and not args.llama_quantize:
+        parser.error("--gguf K-quants are written by llama.cpp's llama-quantize: give its path with --llama_quantize")
     if args.max_new_tokens <= 0 or args.batch_size <= 0:
         parser.error("--max_new_tokens and --batch_size must be positive")
     if args.push_to_hub:
@@ -112,8 +119,11 @@ def main(args) -> dict:
                       tokenizer.eos_token)
     if tuned.is_adapter:  # the merged folder is ours: complete, card included, whether pushed now or later
         card.save(merged_dir / "README.md")
+    ggufs = export_for_release(merged_dir, output_dir, args.gguf, release_name(args.base, args.push_to_hub),
+                               args.llama_quantize) if args.gguf else []
     if args.push_to_hub:
         print(f"pushed: {push(merged_dir, args.push_to_hub, args.private, card)}")
+        push_files(ggufs, args.push_to_hub)
     return scores
 
 
@@ -121,7 +131,7 @@ def cli(argv: list[str] | None = None) -> int:
     """The command line: 0, or 1 with the problem said in one message."""
     try:
         main(parse_args(argv))
-    except (PromptFileError, PairError, PushError, TokenizerError) as err:
+    except (PromptFileError, PairError, PushError, TokenizerError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
