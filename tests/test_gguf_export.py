@@ -24,7 +24,7 @@ from alpaca_sft.data.template import render_prompt
 from alpaca_sft.models.gguf import convert, gguf_config
 from alpaca_sft.release import gguf_export
 from alpaca_sft.release.gguf_export import FAMILIES, ExportError, export_gguf, write_modelfile
-from alpaca_sft.release.gguf_tokenizer import CHAT_TEMPLATE
+from alpaca_sft.release.gguf_tokenizer import chat_template
 
 ALPACA = [json.loads(line) for line in (REPO / "data" / "heldout_alpaca.jsonl").read_text(encoding="utf-8").splitlines()[:12]]
 TEXTS = [render_prompt(row["instruction"], row["input"]) + row["output"] for row in ALPACA]
@@ -151,6 +151,7 @@ def test_the_metadata_is_what_llama_cpp_reads(arch, source, exported):
     assert field("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
     assert field("tokenizer.ggml.bos_token_id") == tokenizer.bos_token_id
     assert field("tokenizer.ggml.add_bos_token") == (tokenizer.bos_token_id is not None)
+    assert field("tokenizer.chat_template") == chat_template(tokenizer.bos_token_id is not None)
     assert field("tokenizer.ggml.model") == ("gpt2" if arch in ("llama", "qwen2") else "llama")
     assert field("tokenizer.ggml.pre") == {"llama": "llama-bpe", "qwen2": "qwen2"}.get(arch, "default")
     tensors = {t.name: t for t in reader.tensors}
@@ -163,11 +164,13 @@ def test_the_metadata_is_what_llama_cpp_reads(arch, source, exported):
 
 
 def test_the_chat_template_and_the_modelfile_are_the_alpaca_prompt(tmp_path):
-    template = jinja2.Environment().from_string(CHAT_TEMPLATE)
-    instruction = "Name three primary colors."
-    assert template.render(messages=[{"role": "user", "content": instruction}], eos_token="</s>") == render_prompt(instruction)
-    chat = [{"role": "user", "content": instruction}, {"role": "assistant", "content": "Red, yellow, blue."}]
-    assert template.render(messages=chat, eos_token="</s>") == render_prompt(instruction) + "Red, yellow, blue.</s>"
+    instruction, answer = "Name three primary colors.", "Red, yellow, blue."
+    chat = [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]
+    for adds_bos, bos in ((True, "<s>"), (False, "")):
+        template = jinja2.Environment().from_string(chat_template(adds_bos))
+        assert template.render(messages=chat[:1], bos_token="<s>", eos_token="</s>") == bos + render_prompt(instruction)
+        assert template.render(messages=chat, bos_token="<s>", eos_token="</s>") == \
+            bos + render_prompt(instruction) + answer + "</s>"
     modelfile = write_modelfile(tmp_path / "m-q8_0.gguf").read_text()
     assert modelfile.startswith("FROM ./m-q8_0.gguf\n")
     assert f'TEMPLATE """{render_prompt("{{ .Prompt }}")}"""' in modelfile

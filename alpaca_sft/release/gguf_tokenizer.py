@@ -126,9 +126,14 @@ def check_sentencepiece_style(vocabulary: Vocabulary, tokenizer, texts=CHECK_TEX
 # The Alpaca prompt the model was tuned on, as the chat template (Jinja, which llama.cpp and LM Studio read): a user
 # message is the instruction; an assistant message is an answer and the EOS the model learned to write after it.
 ALPACA_PROMPT_AROUND = tuple(PROMPT_NO_INPUT.split("{instruction}"))  # the text before and after the instruction
-CHAT_TEMPLATE = ("{%- for message in messages %}{% if message['role'] == 'user' %}"
-                 + ALPACA_PROMPT_AROUND[0] + "{{ message['content'] }}" + ALPACA_PROMPT_AROUND[1]
-                 + "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def chat_template(adds_bos: bool) -> str:
+    """With the BOS first where the tokenizer puts one in front, as chat templates do (transformers renders then
+    tokenizes without special tokens; llama.cpp strips a template's BOS where it adds its own)."""
+    return (("{{ bos_token }}" if adds_bos else "") + "{%- for message in messages %}{% if message['role'] == 'user' %}"
+            + ALPACA_PROMPT_AROUND[0] + "{{ message['content'] }}" + ALPACA_PROMPT_AROUND[1]
+            + "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
 
 
 def write_tokenizer(writer, tokenizer: GgufTokenizer) -> None:
@@ -149,4 +154,4 @@ def write_tokenizer(writer, tokenizer: GgufTokenizer) -> None:
             add(special[key])
     writer.add_add_bos_token(special["add_bos"])
     writer.add_add_eos_token(False)  # a prompt ends where the answer starts, never in an EOS (models/tokenizer.py)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template(special["add_bos"]))
