@@ -179,6 +179,26 @@ def test_the_chat_template_and_the_modelfile_are_the_alpaca_prompt(tmp_path):
         assert line in modelfile.splitlines()
 
 
+def test_llama_3_rope_scaling_is_written_as_the_factors_transformers_applies(sources, tmp_path):
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    folder = shutil.copytree(sources["llama"], tmp_path / "llama-3.1")
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    (folder / "config.json").write_text(json.dumps(config))
+    path = export_gguf(folder, tmp_path / "out.gguf", "bf16")["path"]
+    factors = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight").data
+    # llama.cpp divides each rotary frequency by its factor: transformers' unscaled frequencies over its scaled ones
+    config = AutoConfig.from_pretrained(folder)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    head_dim = config.hidden_size // config.num_attention_heads
+    plain = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    assert len(set(factors.round(3))) > 2  # the tiny context puts frequencies on both sides of the smooth band
+    assert torch.allclose(torch.from_numpy(factors.copy()), plain / scaled, rtol=1e-5)
+
+
 # --- a writer without llama.cpp's transforms fails the same comparisons --------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -66,18 +66,25 @@ FAMILIES = {  # config.json's model_type
 
 # --- the folder ---------------------------------------------------------------------------------------------------
 
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ExportError(f"{path} is not valid JSON ({err}): the folder is damaged") from None
+
+
 def read_folder(model_dir: Path) -> tuple[dict, Family]:
     """config.json and the family, or why this folder cannot be exported; nothing large is read."""
     if not model_dir.is_dir():
         raise ExportError(f"{model_dir}: no such folder (give a model folder: config.json, safetensors, tokenizer)")
     if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
-        base = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or "BASE"
+        base = _json(model_dir / "adapter_config.json").get("base_model_name_or_path") or "BASE"
         raise ExportError(f"{model_dir} is a LoRA adapter, not a model: merge it into its base first, with\n"
                           f"  python eval_compare.py --base {base} --tuned {model_dir}\n"
                           f"which writes the merged model to {model_dir}-comparison/merged (its --gguf exports it too)")
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir} holds no config.json: not a model folder")
-    config = json.loads((model_dir / "config.json").read_text())
+    config = _json(model_dir / "config.json")
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         raise ExportError(f"{model_dir}: model_type {model_type!r} is not a family this writer knows "
