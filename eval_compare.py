@@ -30,6 +30,7 @@ from alpaca_sft.models.generation import generate
 from alpaca_sft.models.loading import load_model, this_process_device
 from alpaca_sft.models.tokenizer import TokenizerError, load_tokenizer
 from alpaca_sft.release.card import model_card
+from alpaca_sft.release.gguf_export import K_QUANTS, TYPES, ExportError, export_for_release, push_files, release_name
 from alpaca_sft.release.merge import logits_on, merge, quantized_gap, save_merged
 from alpaca_sft.release.pairing import PairError, inspect_pair
 from alpaca_sft.release.push import PushError, check_can_push, push
@@ -54,8 +55,14 @@ def parse_args(argv=None):
     parser.add_argument("--allow_other_base", action="store_true", help="merge an adapter into a base it was not trained on")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the merged model, tokenizer and card (one --tuned)")
     parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
+    parser.add_argument("--gguf", nargs="+", choices=TYPES, metavar="TYPE", help="also write the merged model as GGUF "
+                        "files beside merged/, each with an Ollama Modelfile (pushed too): bf16, f16, q8_0; K-quants "
+                        "(q4_k_m, q5_k_m, q6_k) with --llama_quantize")
+    parser.add_argument("--llama_quantize", metavar="PATH", help="llama.cpp's llama-quantize binary, for --gguf K-quants")
     args = parser.parse_args(argv)
     args.command = "python eval_compare.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if set(args.gguf or ()) & set(K_QUANTS) and not args.llama_quantize:
+        parser.error("--gguf K-quants are written by llama.cpp's llama-quantize: give its path with --llama_quantize")
     if args.max_new_tokens <= 0 or args.batch_size <= 0:
         parser.error("--max_new_tokens and --batch_size must be positive")
     resolved = [Path(t).resolve() for t in args.tuned]
@@ -63,6 +70,9 @@ def parse_args(argv=None):
         parser.error("--tuned names one folder more than once")
     if len(args.tuned) > 1 and args.output_dir is None:
         parser.error("with several --tuned, give --output_dir: the folder their comparison and merged models go to")
+    if len(args.tuned) > 1 and args.gguf:
+        parser.error("--gguf exports one merged model: give one --tuned (or export each merged model with "
+                     "python tools/export_gguf.py <output_dir>/merged/<name> OUT.gguf)")
     if len(args.tuned) > 1 and args.push_to_hub:
         parser.error("--push_to_hub uploads one merged model: give one --tuned (each merged model can be uploaded "
                      "later with hf upload REPO_ID <output_dir>/merged/<name>)")
@@ -151,6 +161,12 @@ def card_of(args, name: str, run, model: dict, scores: dict, tokenizer):
                       args.push_to_hub or Path(model.get("merged_to", run.path)).name, tokenizer.eos_token)
 
 
+def release_folder(runs: dict, models: dict) -> Path:
+    """The one --tuned run's model folder as released: its merged folder, or the merged model it was given as."""
+    ((name, run),) = runs.items()
+    return Path(models[name].get("merged_to", run.path))
+
+
 def main(args) -> dict:
     # Everything that can be wrong with the inputs is found before any large weights load.
     prompts = read_prompt_files(args.prompts)
@@ -183,13 +199,15 @@ def main(args) -> dict:
             folder.seal(merged, {"merged_by": "eval_compare.py",
                                  "merge_max_abs_logit_diff": models[name]["merge_max_abs_logit_diff"]})
         folder.publish(report_texts(prompts, generations, judgments, scores, tests, models, meta))
+        ggufs = export_for_release(release_folder(runs, models), output_dir, args.gguf, release_name(
+            args.base, args.push_to_hub), args.llama_quantize) if args.gguf else []
     print(f"\nwrote {output_dir / 'comparison.md'} and {output_dir / 'comparison.json'}")
 
     if args.push_to_hub:
-        ((name, run),) = runs.items()
-        merged_dir = Path(models[name].get("merged_to", run.path))
+        merged_dir = release_folder(runs, models)
         try:
-            print(f"pushed: {push(merged_dir, args.push_to_hub, args.private, cards[name])}")
+            print(f"pushed: {push(merged_dir, args.push_to_hub, args.private, cards[next(iter(runs))])}")
+            push_files(ggufs, args.push_to_hub)
         except KeyboardInterrupt:
             private = " --private" if args.private else ""
             raise Interrupted(f"interrupted during the push: the comparison and {merged_dir} are complete; upload "
@@ -207,7 +225,8 @@ def cli(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted before anything was written; run the command again", file=sys.stderr)
         return 130
-    except (PromptFileError, ContextError, PairError, PushError, TokenizerError, SettingsError, ComparisonDirError) as err:
+    except (PromptFileError, ContextError, PairError, PushError, TokenizerError, SettingsError, ComparisonDirError,
+            ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

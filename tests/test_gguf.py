@@ -1,11 +1,14 @@
 """tools/base_from_gguf.py and models/gguf.py on a GGUF the test writes itself (tests/gguf_writer.py): the tiny
 Gemma 3 model's weights, one of them Q8_0, under the real Mistral-7B vocabulary, so that raw sentencepiece
 is the oracle for the tokenizer the conversion builds. The weights come back exactly; the tokenizer encodes
-as SentencePiece does; a tokenizer built wrongly, and a file that cannot be converted, are refused."""
+as SentencePiece does; a tokenizer built wrongly, and a file that cannot be converted, are refused. A folder
+that holds a model is replaced only on request and only by a checked model; a file without every weight the
+model needs is refused by name. (tests/test_gguf_export.py converts the project's own exports of every family.)"""
 
 import dataclasses
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -155,7 +158,7 @@ def test_the_cli_refuses_a_tokenizer_without_its_prefix_space_with_an_error_not_
 
 def test_a_gguf_whose_tokenizer_is_not_sentencepiece_style_is_refused(tmp_path):
     path = write_tokenizer_only_gguf(tmp_path / "gpt2.gguf", "gpt2", ["a", "b", "<|endoftext|>"], eos=2)
-    with pytest.raises(ConversionError, match=r"its tokenizer is 'gpt2'; only SentencePiece-style"):
+    with pytest.raises(ConversionError, match=r"its tokenizer is 'gpt2' with pre-tokenizer None; converted here"):
         convert(path, tmp_path / "out")
 
 
@@ -176,3 +179,85 @@ def test_a_file_that_is_not_a_gguf_is_refused(tmp_path):
     path.write_bytes(b"\x00" * 64)
     with pytest.raises(ConversionError):
         convert(path, tmp_path / "out")
+
+
+# --- what the folder may hold, and what the file must hold --------------------------------------------------------
+# On the tiny Llama 3 model written by the project's GGUF writer (release/gguf_export.py): its 784-piece vocabulary
+# reads in milliseconds, where the Mistral vocabulary above takes seconds per read.
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from random_model import build_random_model
+
+    return build_random_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+def llama_gguf(tiny_llama, path, monkeypatch=None, change=None):
+    """The tiny Llama as a bf16 GGUF; `change` (a planned tensor -> itself changed, or None: left out) edits the
+    tensors the file holds."""
+    from alpaca_sft.release import gguf_export
+
+    if change is not None:
+        plan = gguf_export.plan_tensors
+        monkeypatch.setattr(gguf_export, "plan_tensors", lambda *a: [c for t in plan(*a) if (c := change(t))])
+    return gguf_export.export_gguf(tiny_llama, path, "bf16")["path"]
+
+
+def snapshot(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_a_folder_that_holds_a_model_is_refused_and_left_as_it_was(gguf_file, tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "a-model")
+    before = snapshot(folder)
+    with pytest.raises(ConversionError, match="holds a model: pass --overwrite to replace it"):
+        convert(gguf_file, folder, dtype="float32")
+    assert snapshot(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["a-model"]
+
+
+def test_overwrite_replaces_the_model_whole(tiny_llama, tiny_model_dir, tmp_path):
+    path = llama_gguf(tiny_llama, tmp_path / "llama.gguf")
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "a-model")  # a Mistral, with a tokenizer.model
+    convert(path, folder, dtype="float32", overwrite=True)
+    assert not (folder / "tokenizer.model").exists()  # nothing of the earlier model mixed into the new one
+    assert AutoModelForCausalLM.from_pretrained(folder).config.model_type == "llama"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-model", "llama.gguf"]
+
+
+def test_a_conversion_that_fails_its_check_leaves_the_earlier_model_and_nothing_else(tiny_llama, tiny_model_dir,
+                                                                                    tmp_path, monkeypatch):
+    path = llama_gguf(tiny_llama, tmp_path / "llama.gguf")
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "a-model")
+    before = snapshot(folder)
+    build = gguf_conversion.build_byte_level_tokenizer
+    monkeypatch.setattr(gguf_conversion, "build_byte_level_tokenizer",  # a builder that loses the merges
+                        lambda vocabulary, bos_id: build(dataclasses.replace(vocabulary, merges=[]), bos_id))
+    with pytest.raises(ConversionError, match="does not encode as the GGUF's vocabulary does"):
+        convert(path, folder, dtype="float32", overwrite=True)
+    assert snapshot(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["a-model", "llama.gguf"]
+
+
+def test_a_folder_of_other_files_is_refused_even_with_overwrite(gguf_file, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="holds files that are not a model"):
+        convert(gguf_file, tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("change", [lambda t: None if t.name.startswith("blk.1.") else t,
+                                    lambda t: dataclasses.replace(t, name=t.name.replace("blk.1.", "block.1."))],
+                         ids=["left-out", "unknown-names"])
+def test_a_gguf_without_every_weight_is_refused_naming_what_is_missing(change, tiny_llama, tmp_path, monkeypatch):
+    path = llama_gguf(tiny_llama, tmp_path / "partial.gguf", monkeypatch, change)
+    with pytest.raises(ConversionError, match=r"weights the llama model needs are not in the file .*"
+                                              r"model\.layers\.1\.input_layernorm\.weight"):
+        convert(path, tmp_path / "out", dtype="float32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["partial.gguf"]
+
+
+def test_a_dtype_torch_has_but_a_model_folder_is_not_written_in_is_refused(gguf_file, tmp_path):
+    for dtype in ("nn", "float8_e4m3fn"):
+        with pytest.raises(ConversionError, match=rf"dtype '{dtype}': give one of bfloat16, float32"):
+            convert(gguf_file, tmp_path / "out", dtype=dtype)
+    assert not (tmp_path / "out").exists()

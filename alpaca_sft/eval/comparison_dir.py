@@ -31,6 +31,10 @@ MERGED = "merged"
 REPORTS = ("comparison.md", "comparison.json")  # in the order they are published: comparison.json, the mark, last
 MARK = REPORTS[-1]
 SEAL = "merge.json"  # in a merged model folder: written after every other file of it
+# eval_compare.py --gguf's files, exported from merged/ after it is published (and removed with the merged model they
+# came from when a later run replaces it), and what a stopped export left (release/gguf_export.py's partial files)
+EXPORTS = ("*.gguf", "*.Modelfile")
+PARTIAL_EXPORTS = ".*.partial-*"
 STAGED = re.compile(rf"^\{TEMP_PREFIX}-\d+-(retired-)?{MERGED}$")
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
@@ -82,6 +86,7 @@ class ComparisonDir:
         self.lock = OutputDirLock(self.path)
         self.staged: Path | None = None
         self.removed: list[str] = []  # leftovers of a killed run, removed on entry
+        self.published = False
 
     def __enter__(self) -> ComparisonDir:
         try:
@@ -94,7 +99,7 @@ class ComparisonDir:
             self.lock.release()
             raise ComparisonDirError(f"{merged} is not a merged model that eval_compare.py finished (no {SEAL}) and "
                                      "this run would replace it: move it away, or give another --output_dir")
-        for leftover in sorted(self.path.glob(f"{TEMP_PREFIX}*")):
+        for leftover in sorted([*self.path.glob(f"{TEMP_PREFIX}*"), *self.path.glob(PARTIAL_EXPORTS)]):
             _remove(leftover)
             self.removed.append(leftover.name)
         return self
@@ -113,6 +118,9 @@ class ComparisonDir:
             raise ComparisonDirError(f"{problem[1]}: {self._left()}. {todo} and run again:\n  {self.rerun}") from None
 
     def _left(self) -> str:
+        if self.published:
+            return (f"this run's comparison and merged model in {self.path} are complete; the GGUF file being written "
+                    "was removed")
         holds = "its earlier comparison, as it was" if (self.path / MARK).is_file() else "no complete comparison"
         return f"nothing of this run was kept in {self.path}, which holds {holds}; this run's temporary files are removed"
 
@@ -148,6 +156,9 @@ class ComparisonDir:
             staged[name].rename(self.path / name)
         if retired is not None:
             _remove(retired)
+        for export in [path for pattern in EXPORTS for path in self.path.glob(pattern)]:
+            export.unlink()  # made from the merged model just replaced
+        self.published = True
 
     def discard(self) -> None:
         """This run's temporary files, removed."""
