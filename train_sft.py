@@ -26,7 +26,8 @@ from alpaca_sft.data.records import DataError
 from alpaca_sft.models.tokenizer import TokenizerError, load_tokenizer
 from alpaca_sft.train.checkpoints import CheckpointSeal, check_resume, run_shape
 from alpaca_sft.train.checks import apply_pipeline_settings, check_settings
-from alpaca_sft.train.output_dir import claim, record
+from alpaca_sft.run_folder.layout import record
+from alpaca_sft.train.output_dir import claim
 from alpaca_sft.train.run import Outcome, build_trainer, train
 from alpaca_sft.train.settings import ScriptArguments, SettingsError, parse_settings
 
@@ -62,11 +63,11 @@ def run(script_args, training_args, model_args, state, started: float) -> Outcom
 
     shape = run_shape(script_args, training_args, model_args, state.num_processes, report.fingerprint,
                       report.validation_fingerprint)
+    changes = None
     if training_args.resume_from_checkpoint:
-        report.resumed_with_changes = check_resume(training_args.resume_from_checkpoint, shape,
-                                                   script_args.allow_changed_settings) or None
+        changes = check_resume(training_args.resume_from_checkpoint, shape, script_args.allow_changed_settings)
     trainer = build_trainer(script_args, training_args, model_args, tokenizer, dataset, validation, CheckpointSeal(shape))
-    outcome = train(trainer, script_args, model_args, report, started, validation)
+    outcome = train(trainer, script_args, model_args, report, started, validation, changes)
     if state.is_main_process and outcome.completed:
         print(f"done: the adapter is in {outcome.output_dir} (run_summary.json says how the run went). Compare it "
               f"with the base:\n  python eval_compare.py --base {model_args.model_name_or_path} --tuned {outcome.output_dir}")

@@ -19,9 +19,9 @@ from ..kernels.attention import DOCUMENT_FLEX
 from ..kernels.fp8_base import fp8_gemm_problem
 from ..launch import fsdp_enabled, launched_processes
 from ..models.sources import model_problem
+from ..run_folder.layout import holds_a_run
 from .checkpoints import resume_target
 from .output_dir import folder_problem
-from .run_record import holds_a_run
 from .settings import GIVEN_IN, ScriptArguments, SettingsError, settings_error
 
 
