@@ -283,16 +283,17 @@ def test_fp8_base_settings_are_checked_before_weights_load(tiny_model_dir, tmp_p
 @needs_cpu_fp8
 def test_fp8_gap_rebuilds_the_layers_the_run_recorded(tiny_model_dir, tokenizer, tmp_path):
     from alpaca_sft.release.merge import logits_on, quantized_gap
+    from alpaca_sft.run_folder.record import BasePrecision
 
     model = adapted(tiny_model_dir)
     model.save_pretrained(tmp_path / "run")
     texts = ["### Instruction:\nName a color.\n\n### Response:\n"]
     merged = logits_on(model.merge_and_unload(), tokenizer, texts)
-    recorded = {"fp8_base": True, "fp8_layers": ["q_proj", "k_proj", "v_proj", "o_proj"], "dtype": "bfloat16"}
+    recorded = BasePrecision(dtype="bfloat16", fp8_base=True, fp8_layers=("q_proj", "k_proj", "v_proj", "o_proj"))
     gap = quantized_gap(str(tiny_model_dir), tmp_path / "run", recorded, tokenizer, texts, merged)
     assert gap["layers_in_fp8"] == 2 * 4 and gap["mean_abs_logit_diff"] > 0
-    gap = quantized_gap(str(tiny_model_dir), tmp_path / "run", {"fp8_base": True, "dtype": "bfloat16"}, tokenizer, texts,
-                        merged)  # a run recorded before fp8_layers existed: every adapted layer, as it trained
+    gap = quantized_gap(str(tiny_model_dir), tmp_path / "run", BasePrecision(dtype="bfloat16", fp8_base=True), tokenizer,
+                        texts, merged)  # a run recorded before fp8_layers existed: every adapted layer, as it trained
     assert gap["layers_in_fp8"] == 2 * 7
 
 
