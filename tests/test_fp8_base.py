@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 from alpaca_sft.kernels import fp8_base
 from alpaca_sft.kernels.fp8_base import E4M3_MAX, Fp8FrozenLinear, quantize_frozen_base, quantize_rows
 from alpaca_sft.kernels.fused_lora import fuse_lora
+from alpaca_sft.kernels.shared_input import input_cache
 
 
 def dequantize(q, scale):
@@ -251,7 +252,7 @@ def test_fp8_layers_chosen_by_name_and_no_quantized_input_outlives_its_fp8_reade
         logits = model(input_ids=ids).logits.float()
         # per layer: q's input, quantized once for q and v (k, between them, is bf16), and gate's; gate keeps none
         # for up, which is bf16: nothing quantized is left held once the forward is done
-        assert calls == [(5, 64), (5, 64)] * 2 and fp8_base._shared_input.quantized is None
+        assert calls == [(5, 64), (5, 64)] * 2 and len(input_cache) == 0
         reference, every_layer = (m(input_ids=ids).logits.float() for m in (bf16, all_fp8))
     # fewer layers rounded to e4m3, nearer the bf16 model (0.069 against 0.114 here: the tiny model's large
     # weights make it chaotic)
