@@ -29,6 +29,7 @@ from ..models.sources import model_fingerprint
 from ..run_folder.layout import (CONFIG_FILE, SUMMARY_FILE, TRAINER_STATE, checkpoint_name, newest_sealed, record,
                                  record_present)
 from .callbacks import EvaluateAtEnd, GracefulStop, NonFiniteGuard, ProgressLine, ThroughputRecord
+from .prepare import PreparedRun
 from .run_record import peak_gpu_memory_per_process, run_summary, save_resolved_config, write_json
 from .validation import ValidatingSFTTrainer, samples_at_end, samples_text
 
@@ -122,10 +123,10 @@ def _callback(trainer, kind):
     return next(c for c in trainer.callback_handler.callbacks if isinstance(c, kind))
 
 
-def train(trainer, script_args, model_args, data_report, started: float, validation=None,
-          resumed_with_changes: list[str] | None = None) -> Outcome:
-    """Train, decide how it ended, save the adapter of a finished run, answer a few `validation` prompts if
-    the settings ask, and write the run's record (with what --allow_changed_settings let a resume change)."""
+def train(trainer, run: PreparedRun, started: float) -> Outcome:
+    """Train, decide how it ended, save the adapter of a finished run, answer a few validation prompts if
+    the settings ask, and write the run's record."""
+    script_args, _, model_args = run.settings
     args = trainer.args
     output_dir = Path(args.output_dir)
     main = trainer.accelerator.is_main_process
@@ -149,12 +150,12 @@ def train(trainer, script_args, model_args, data_report, started: float, validat
         except AdapterWriteError as err:
             outcome = _interrupted(output_dir, str(err), 1)
     samples = None
-    if outcome.completed and script_args.samples_at_end and validation is not None:
-        samples = samples_at_end(trainer, validation, script_args.samples_at_end, script_args.sample_max_new_tokens)
+    if outcome.completed and script_args.samples_at_end and run.validation is not None:
+        samples = samples_at_end(trainer, run.validation, script_args.samples_at_end, script_args.sample_max_new_tokens)
         if samples:
             print(samples_text(samples), flush=True)
-    outcome = _write_record(trainer, model_args, data_report, started, outcome,
-                            samples_at_end=samples, resumed_with_changes=resumed_with_changes or None)
+    outcome = _write_record(trainer, model_args, run.report, started, outcome,
+                            samples_at_end=samples, resumed_with_changes=run.resumed_with_changes or None)
     trainer.accelerator.wait_for_everyone()
     outcome.trainer = trainer
     return outcome
