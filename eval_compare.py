@@ -34,7 +34,6 @@ from alpaca_sft.release.gguf_export import K_QUANTS, TYPES, ExportError, export_
 from alpaca_sft.release.merge import logits_on, merge, quantized_gap, save_merged
 from alpaca_sft.release.pairing import PairError, inspect_pair
 from alpaca_sft.release.push import PushError, check_can_push, push
-from alpaca_sft.train.settings import SettingsError
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -125,7 +124,7 @@ def merge_run(args, name: str, run, base_model, tokenizer, probes: list[str], st
     print(f"{name}: merged into a {dtype} base: max |logit(base+adapter) - logit(merged)| = {gap:.2e}; saved to {final}")
     if run.trained_in_4bit or run.trained_in_fp8:
         key, trained = ("qlora_gap", "QLoRA: 4-bit") if run.trained_in_4bit else ("fp8_gap", "FP8")
-        record[key] = quantized_gap(args.base, run.path, run.record.config, tokenizer, probes,
+        record[key] = quantized_gap(args.base, run.path, run.record.precision, tokenizer, probes,
                                     logits_on(model, tokenizer, probes))
         print(f"{name}: {trained} base + adapter vs merged {dtype} model: {record[key]}")
     return model, record
@@ -225,8 +224,7 @@ def cli(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted before anything was written; run the command again", file=sys.stderr)
         return 130
-    except (PromptFileError, ContextError, PairError, PushError, TokenizerError, SettingsError, ComparisonDirError,
-            ExportError) as err:
+    except (PromptFileError, ContextError, PairError, PushError, TokenizerError, ComparisonDirError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -10,7 +10,7 @@ takes them, so the document lengths (and so the work a block mask can skip) are 
 micro-batches of different lengths are timed in turn, after each was seen in the warm-up: a kernel
 compiled for one length pays nothing extra for the next only if it handles lengths dynamically.
 
-  flex               the recipe's document_flex (alpaca_sft/train/attention.py): compiled flex_attention,
+  flex               the recipe's document_flex (alpaca_sft/kernels/attention.py): compiled flex_attention,
                      dynamic shapes, Inductor's default kernel configuration, 128-token mask blocks
   flex-autotune      the same compiled with mode="max-autotune-no-cudagraphs": Inductor times its
                      candidate block sizes, warps and stages for this shape and keeps the fastest
@@ -33,7 +33,6 @@ fp32; a variant that fails to build or run is reported with its error, not dropp
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from alpaca_sft.kernels.attention import document_mask
+from harness import add_model_and_data, argument_parser, device_name, write_results
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 VARIANTS = ("flex", "flex-autotune", "flex-blocks-64", "flex-flash", "flex-flash-static", "fa4-varlen",
@@ -204,9 +204,8 @@ def measure(name: str, batches, repeats: int) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a model directory: its tokenizer tokenizes the workload")
-    parser.add_argument("--data", required=True)
+    parser = argument_parser(__doc__)
+    add_model_and_data(parser)  # the model's tokenizer tokenizes the workload
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--rows", type=int, default=6, help="packed rows per micro-batch (the recipe's 6)")
     parser.add_argument("--repeats", type=int, default=30)
@@ -218,7 +217,7 @@ def main():
         tensors = inputs(lengths, seed)
         batches.append({"tensors": tensors, "reference": reference(*tensors), "documents": len(lengths)})
     print(f"micro-batches: {[(int(b['tensors'][4][-1]), b['documents']) for b in batches]} (tokens, documents)")
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+    results = {"device": device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "command": "python bench/attention_kernels.py " + " ".join(sys.argv[1:]), "variants": {}}
     for name in args.variants:
         try:
@@ -228,8 +227,7 @@ def main():
             results["variants"][name] = {"error": f"{type(error).__name__}: {str(error).strip()[:300]}"}
         print(name, json.dumps(results["variants"][name]), flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        write_results(args.out, results)
 
 
 if __name__ == "__main__":

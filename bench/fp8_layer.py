@@ -4,7 +4,7 @@ micro-batch's token count: the bf16 base (the recipe's fused LoRA) against FP8 b
     python bench/fp8_layer.py --tokens 12288 --out bench/results/fp8/layer.json
 
   bf16              the frozen bf16 base, LoRA fused into its GEMMs (recipes/mistral-7b-lora.yaml)
-  fp8               this project's FP8 base (alpaca_sft/train/fp8_base.py): weights quantized once, inputs
+  fp8               this project's FP8 base (alpaca_sft/kernels/fp8_base.py): weights quantized once, inputs
                     and output gradients per row by Triton kernels, no weight gradient
   fp8-precise       the same with every FP8 GEMM accumulating in fp32 (no fast accumulation)
   fp8-fast-accum    the same with fast accumulation in the input-gradient GEMMs too, not only the forward's
@@ -22,8 +22,6 @@ variant's relative error of the outputs and of the input gradient against the bf
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ from torch import nn
 from alpaca_sft.kernels import fp8_base
 from alpaca_sft.kernels.fp8_base import quantize_frozen_base
 from alpaca_sft.kernels.fused_lora import fuse_lora
+from harness import argument_parser, device_name, write_results
 
 HIDDEN, KV, INTERMEDIATE = 4096, 1024, 14336
 
@@ -128,7 +127,7 @@ def profile(model, x, y, grads) -> list[dict]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=12288)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--variants", nargs="*", default=["bf16", "fp8", "fp8-precise", "fp8-fast-accum", "fp8-cublas-add", "fp8-inductor-quant", "fp8-eager-quant", "torchao", "torchao-compiled"])
@@ -141,7 +140,7 @@ def main():
     y = torch.randn(args.tokens, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grads = [torch.randn(args.tokens, HIDDEN, device="cuda", dtype=torch.bfloat16) * 1e-3 for _ in range(2)]
     flops = 2 * 2 * args.tokens * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV + 3 * HIDDEN * INTERMEDIATE)  # forward + input grads
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens, "variants": {}}
+    results = {"device": device_name(), "torch": torch.__version__, "tokens": args.tokens, "variants": {}}
     reference = None
     print(f"{'variant':18} {'ms':>7} {'vs bf16':>7} {'TFLOP/s':>8} {'out err':>8} {'dx err':>8}")
     for variant in args.variants:
@@ -179,8 +178,7 @@ def main():
         print(f"{variant:18} {ms:7.2f} {reference[0] / ms:6.2f}x {flops / ms / 1e9:8.0f} {errors[0]:8.2e} {errors[1]:8.2e}", flush=True)
         del model
         torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -29,33 +28,33 @@ from peft.helpers import disable_input_dtype_casting
 
 from alpaca_sft.kernels import fp8_base
 from alpaca_sft.kernels.fp8_base import Fp8FrozenLinear, quantize_frozen_base
+from harness import add_model_and_data, argument_parser, device_name, prepared_run, write_results
+
+
+def recipe_trainer(args, *flags: str):
+    """train_sft.py's trainer of args.recipe on the first args.rows records, no validation, `flags` on top."""
+    from alpaca_sft.train.run import build_trainer
+
+    with prepared_run(args.recipe, "--model_name_or_path", args.model, "--dataset_name", args.data, "--output_dir",
+                      "/tmp/fp8_numerics/first_step", "--report_to", "none", "--validation_size", "0",
+                      "--drop_invalid_rows", "true", "--max_train_rows", args.rows, *flags) as run:
+        return build_trainer(*run.settings, run.tokenizer, run.dataset)
+
+
+def loss_and_grads(trainer, model, batch: dict, autocast: bool) -> tuple[float, dict]:
+    """The batch's loss and every LoRA tensor's gradient (fp32, on the CPU), bf16 autocast or not."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(trainer.args.device.type, dtype=torch.bfloat16, enabled=autocast), disable_input_dtype_casting(model):
+        loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def first_step(args) -> dict:
     """One packed row's loss and LoRA gradients with the base in fp32 (the reference), in bf16 (the
     recipe), then in FP8, all from the same weights: the FP8 base's distance from bf16 set beside
     bf16's own distance from fp32."""
-    from alpaca_sft.data.dataset import build_dataset
-    from alpaca_sft.models.tokenizer import load_tokenizer
-    from alpaca_sft.train.run import build_trainer
-    from alpaca_sft.train.checks import apply_pipeline_settings
-    from alpaca_sft.train.settings import cpu_overrides, parse_settings
-
-    def settings(*flags):
-        parsed = parse_settings(
-            ["--config", args.recipe, "--model_name_or_path", args.model, "--dataset_name", args.data,
-             "--output_dir", "/tmp/fp8_numerics/first_step", "--report_to", "none", "--validation_size", "0",
-             "--drop_invalid_rows", "true",
-             *cpu_overrides(),
-             *flags])
-        apply_pipeline_settings(*parsed[:2])  # validation_size 0: validation off
-        return parsed
-
-    script_args, training_args, model_args = settings("--dtype", "float32")
-    tokenizer = load_tokenizer(args.model)
-    dataset, _ = build_dataset(args.data, tokenizer, max_length=training_args.max_length, max_rows=args.rows,
-                               drop_invalid_rows=True)
-    trainer = build_trainer(script_args, training_args, model_args, tokenizer, dataset)
+    trainer = recipe_trainer(args, "--dtype", "float32")
     model = trainer.model
     model.train()
     if args.residual_branch_scale != 1:
@@ -66,43 +65,53 @@ def first_step(args) -> dict:
     batch = trainer.data_collator([trainer.train_dataset[0]])
     batch = {k: v.to(trainer.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def loss_and_grads(autocast: bool):
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(trainer.args.device.type, dtype=torch.bfloat16, enabled=autocast), disable_input_dtype_casting(model):
-            loss = trainer.compute_loss(model, batch)
-        loss.backward()
-        return loss.item(), {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-    runs = {"fp32": loss_and_grads(autocast=False)}
-    for name, p in model.named_parameters():  # the base to bf16, as the recipe loads it; LoRA's weights stay fp32
+    runs = {"fp32": loss_and_grads(trainer, model, batch, autocast=False)}
+    for p in model.parameters():  # the base to bf16, as the recipe loads it; LoRA's weights stay fp32
         if not p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
-    runs["bf16"] = loss_and_grads(autocast=True)
+    runs["bf16"] = loss_and_grads(trainer, model, batch, autocast=True)
     converted = quantize_frozen_base(model)
-    runs["fp8"] = loss_and_grads(autocast=True)
+    runs.update(fp8_runs(trainer, model, batch))
+    if args.nf4:  # a 4-bit load of the same base, given the same LoRA weights: QLoRA's first step
+        from peft import get_peft_model_state_dict
+
+        lora = get_peft_model_state_dict(model)
+        trainer = model = None  # the FP8 model's memory, before the 4-bit one loads
+        runs["nf4"] = nf4_run(args, lora, batch)
+    return {"tokens": int(batch["input_ids"].numel()), "layers_in_fp8": converted,
+            "residual_branch_scale": args.residual_branch_scale, "lora_tensors": len(runs["fp32"][1]),
+            **comparisons(runs, nf4=args.nf4)}
+
+
+def fp8_runs(trainer, model, batch: dict) -> dict:
+    """The FP8 base as it runs, its GEMMs without and with fast accumulation everywhere, and the bf16 math with the
+    weights rounded to their e4m3 values: how much of FP8's distance from bf16 the weights' rounding alone makes,
+    with no FP8 GEMM and no quantized activation or gradient (this last one leaves the model in bf16)."""
+    runs = {"fp8": loss_and_grads(trainer, model, batch, autocast=True)}
     default = fp8_base.FAST_ACCUMULATION_FORWARD, fp8_base.FAST_ACCUMULATION_INPUT_GRAD
     for name, fast in (("fp8_precise", False), ("fp8_fast_accumulation_everywhere", True)):
         fp8_base.FAST_ACCUMULATION_FORWARD = fp8_base.FAST_ACCUMULATION_INPUT_GRAD = fast
-        runs[name] = loss_and_grads(autocast=True)
+        runs[name] = loss_and_grads(trainer, model, batch, autocast=True)
     fp8_base.FAST_ACCUMULATION_FORWARD, fp8_base.FAST_ACCUMULATION_INPUT_GRAD = default
-    # The same bf16 math with the weights rounded to their e4m3 values: how much of FP8's distance from
-    # bf16 the weights' rounding alone makes, with no FP8 GEMM and no quantized activation or gradient.
     for layer in [m for m in model.modules() if isinstance(getattr(m, "base_layer", None), Fp8FrozenLinear)]:
         fp8_layer, rounded = layer.base_layer, torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
         rounded.weight = torch.nn.Parameter(fp8_layer.dequantized_weight().to(torch.bfloat16), requires_grad=False)
         layer.base_layer = rounded
-    runs["bf16_e4m3_weights"] = loss_and_grads(autocast=True)
-    if args.nf4:  # a 4-bit load of the same base, given the same LoRA weights: QLoRA's first step
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    runs["bf16_e4m3_weights"] = loss_and_grads(trainer, model, batch, autocast=True)
+    return runs
 
-        lora = get_peft_model_state_dict(model)
-        trainer = model = None  # the FP8 model's memory, before the 4-bit one loads
-        trainer = build_trainer(*settings("--dtype", "bfloat16", "--load_in_4bit", "true"), tokenizer, dataset)
-        model = trainer.model
-        set_peft_model_state_dict(model, lora)
-        model.train()
-        runs["nf4"] = loss_and_grads(autocast=True)
 
+def nf4_run(args, lora: dict, batch: dict) -> tuple[float, dict]:
+    from peft import set_peft_model_state_dict
+
+    trainer = recipe_trainer(args, "--dtype", "bfloat16", "--load_in_4bit", "true")
+    set_peft_model_state_dict(trainer.model, lora)
+    trainer.model.train()
+    return loss_and_grads(trainer, trainer.model, batch, autocast=True)
+
+
+def comparisons(runs: dict, nf4: bool) -> dict:
+    """Each run's loss, and its loss and gradients against the references'."""
     # PEFT starts B at zero, so on the first step every A's gradient is exactly zero: compared are the Bs
     names = [n for n, g in runs["fp32"][1].items() if g.abs().max() > 0]
     cosine = torch.nn.functional.cosine_similarity
@@ -114,16 +123,14 @@ def first_step(args) -> dict:
         return {"loss_rel_diff": abs(loss_b - loss_a) / loss_a, "grad_cosine_all": cosine(*flat, dim=0).item(),
                 "grad_cosine_worst_tensor": per_tensor[0], "grad_cosine_median_tensor": per_tensor[len(per_tensor) // 2]}
 
-    return {"tokens": int(batch["input_ids"].numel()), "layers_in_fp8": converted,
-            "residual_branch_scale": args.residual_branch_scale,
-            "lora_tensors": len(runs["fp32"][1]), "compared_tensors": len(names),
-            "loss": {name: run[0] for name, run in runs.items()},
+    return {"compared_tensors": len(names), "loss": {name: run[0] for name, run in runs.items()},
             "bf16_vs_fp32": compare("fp32", "bf16"), "fp8_vs_fp32": compare("fp32", "fp8"), "fp8_vs_bf16": compare("bf16", "fp8"),
             "fp8_precise_vs_fp32": compare("fp32", "fp8_precise"),
             "fp8_fast_accumulation_everywhere_vs_fp32": compare("fp32", "fp8_fast_accumulation_everywhere"),
-            "fp8_settings": {"fast_accumulation_forward": default[0], "fast_accumulation_input_grad": default[1]},
+            "fp8_settings": {"fast_accumulation_forward": fp8_base.FAST_ACCUMULATION_FORWARD,
+                             "fast_accumulation_input_grad": fp8_base.FAST_ACCUMULATION_INPUT_GRAD},
             "bf16_e4m3_weights_vs_bf16": compare("bf16", "bf16_e4m3_weights"),
-            **({"nf4_vs_fp32": compare("fp32", "nf4"), "nf4_vs_bf16": compare("bf16", "nf4")} if args.nf4 else {})}
+            **({"nf4_vs_fp32": compare("fp32", "nf4"), "nf4_vs_bf16": compare("bf16", "nf4")} if nf4 else {})}
 
 
 def losses(args, recipe: str, name: str) -> list[float]:
@@ -140,9 +147,8 @@ def losses(args, recipe: str, name: str) -> list[float]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
+    parser = argument_parser(__doc__)
+    add_model_and_data(parser)
     parser.add_argument("--rows", type=int, default=6000, help="records to tokenize and pack")
     parser.add_argument("--recipe", default="recipes/mistral-7b-lora.yaml", help="the bf16 recipe the bases are judged in")
     parser.add_argument("--nf4", action="store_true", help="first_step: an NF4 (4-bit) base too, beside FP8")
@@ -156,7 +162,7 @@ def main():
     args = parser.parse_args()
     Path("/tmp/fp8_numerics").mkdir(parents=True, exist_ok=True)
 
-    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    results = {"device": device_name(), "torch": torch.__version__}
     if "first_step" in args.parts:
         results["first_step"] = first_step(args)
         print(json.dumps(results["first_step"], indent=2), flush=True)
@@ -169,8 +175,7 @@ def main():
                              "mean_rel_diff": sum(diffs) / len(diffs), "within_0.5%": max(diffs) <= 0.005}
         print(f"{len(diffs)} steps: loss bf16 {bf16[0]:.4f} -> {bf16[-1]:.4f}, fp8 {fp8[0]:.4f} -> {fp8[-1]:.4f}; "
               f"per-step relative difference max {max(diffs):.4%}, mean {sum(diffs) / len(diffs):.4%}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

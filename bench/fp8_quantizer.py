@@ -1,4 +1,4 @@
-"""The row quantizer alone (alpaca_sft/train/fp8_base.py): GB/s at the widths a Mistral-7B layer feeds
+"""The row quantizer alone (alpaca_sft/kernels/fp8_base.py): GB/s at the widths a Mistral-7B layer feeds
 it (inputs and output gradients of 1,024, 4,096 and 14,336 columns), for several row counts per program,
 beside Inductor's kernel for the same function. One GPU.
 
@@ -7,8 +7,6 @@ beside Inductor's kernel for the same function. One GPU.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sf
 import torch
 
 from alpaca_sft.kernels.fp8_base import quantize_rows, row_quantizer
+from harness import argument_parser, device_name, write_results
 
 
 def gbps(fn, x, repeats=50) -> float:
@@ -33,12 +32,12 @@ def gbps(fn, x, repeats=50) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=12288)
     parser.add_argument("--out", type=Path, default=Path("bench/results/fp8/quantizer.json"))
     args = parser.parse_args()
     quantize, inductor = row_quantizer(), torch.compile(quantize_rows, dynamic=True)
-    results = {"device": torch.cuda.get_device_name(), "tokens": args.tokens, "GB/s": {}}
+    results = {"device": device_name(), "tokens": args.tokens, "GB/s": {}}
     for columns in (1024, 4096, 14336):
         x = torch.randn(args.tokens, columns, device="cuda", dtype=torch.bfloat16)
         row = {"inductor": gbps(inductor, x)}
@@ -46,8 +45,7 @@ def main():
             row[f"{elements} elements/program"] = gbps(lambda t: quantize(t, elements_per_program=elements), x)
         results["GB/s"][columns] = row
         print(columns, "  ".join(f"{k}: {v:,.0f}" for k, v in row.items()), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

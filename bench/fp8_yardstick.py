@@ -1,5 +1,5 @@
-"""The FP8 variants judged against bf16's own seed-to-seed spread on the real base (bench/fp8_yardstick.sh runs
-the whole yardstick in one GPU lease; these are its parts).
+"""The FP8 variants judged against bf16's own seed-to-seed spread on the real base
+(bench/sessions/2026-12-06-fp8-yardstick.sh runs the whole yardstick in one GPU lease; these are its parts).
 
     python bench/fp8_yardstick.py runs;  python bench/fp8_yardstick.py flags fp8-attention
         the runs' names (RUNS below), and the train_sft.py flags of one, for the shell script
@@ -8,7 +8,7 @@ the whole yardstick in one GPU lease; these are its parts).
         (what users get), on the validation examples training held out
     python bench/fp8_yardstick.py table --results W/out --out W/out/fp8-yardstick.md [--speed DIR]
         one table (and its JSON beside it): every run's figures as a difference from bf16 seed 42, in bf16 seed
-        spreads (|seed 43 - seed 42|), from the folder where bench/fp8_yardstick.sh gathers each run's
+        spreads (|seed 43 - seed 42|), from the folder where bench/sessions/2026-12-06-fp8-yardstick.sh gathers each run's
         summary-RUN.json, comparison-*.json (eval_compare.py's, several runs each) and validate.json; with --speed, the folder of bench/speed.py's
         per-configuration JSON files: the 7B shape's tokens/s
 
@@ -19,13 +19,14 @@ prompts are answered by that merged model (eval_compare.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sft package, when run from a checkout
+
+from harness import argument_parser, fp32_on_cpu, prepared_run, write_results
 
 FP8 = ("--fp8_base", "true")
 # name: train_sft.py flags on top of recipes/gemma-3-270m-alpaca.yaml. The bf16 seeds 42 and 43 measure the
@@ -54,30 +55,23 @@ def validate(args) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from alpaca_sft.data.dataset import build_training_data
-    from alpaca_sft.models.tokenizer import load_tokenizer
-    from alpaca_sft.train.checks import apply_pipeline_settings
     from alpaca_sft.train.run import build_trainer
-    from alpaca_sft.train.settings import cpu_overrides, parse_settings
 
-    cpu = cpu_overrides() + ([] if torch.cuda.is_available() else ["--dtype", "float32"])
-    settings = parse_settings(["--config", args.recipe, "--output_dir", "/tmp/fp8_yardstick/validate", "--report_to",
-                               "none", *cpu, *shlex.split(args.flags)])
-    apply_pipeline_settings(*settings[:2])
-    tokenizer = load_tokenizer(settings[2].model_name_or_path)
-    train, validation, _ = build_training_data(settings[0], tokenizer, settings[1].max_length, settings[1].seed)
-    results = {}
-    for run in map(Path, args.runs):
-        trainer = build_trainer(*settings, tokenizer, train.select(range(8)), validation)
-        loaded = set_peft_model_state_dict(trainer.model, load_file(run / "adapter_model.safetensors"))
-        if loaded.unexpected_keys:
-            raise SystemExit(f"{run}: its adapter does not fit the recipe's LoRA layers: {loaded.unexpected_keys[:3]}")
-        results[run.name] = {"unmerged": _evaluate(trainer)}
-        trainer.model.merge_adapter()  # PEFT's merge, in the base's dtype, as eval_compare.py's merge_and_unload
-        results[run.name]["merged"] = _evaluate(trainer)
-        print(run.name, results[run.name], flush=True)
-        del trainer
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    with prepared_run(args.recipe, "--output_dir", "/tmp/fp8_yardstick/validate", "--report_to", "none", *fp32_on_cpu(),
+                      *shlex.split(args.flags)) as prepared:
+        results = {}
+        for run in map(Path, args.runs):
+            trainer = build_trainer(*prepared.settings, prepared.tokenizer, prepared.dataset.select(range(8)),
+                                    prepared.validation)
+            loaded = set_peft_model_state_dict(trainer.model, load_file(run / "adapter_model.safetensors"))
+            if loaded.unexpected_keys:
+                raise SystemExit(f"{run}: its adapter does not fit the recipe's LoRA layers: {loaded.unexpected_keys[:3]}")
+            results[run.name] = {"unmerged": _evaluate(trainer)}
+            trainer.model.merge_adapter()  # PEFT's merge, in the base's dtype, as eval_compare.py's merge_and_unload
+            results[run.name]["merged"] = _evaluate(trainer)
+            print(run.name, results[run.name], flush=True)
+            del trainer
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return results
 
 
@@ -235,8 +229,8 @@ def report(args) -> dict:
              if r in figures and None not in (figures[r]["val_loss_step0"], figures[REFERENCE]["val_loss_step0"])]
     text = "\n\n".join([
         f"FP8 variants against bf16's seed spread: {len(runs)} runs of recipes/gemma-3-270m-alpaca.yaml "
-        f"(`bash bench/fp8_yardstick.sh`). Each cell: the value (its difference from {REFERENCE}; the difference "
-        f"in bf16 seed spreads, |{SECOND_SEED} - {REFERENCE}|). Target: validation loss (bf16 base + adapter) and "
+        f"(`bash bench/sessions/2026-12-06-fp8-yardstick.sh`). Each cell: the value (its difference from {REFERENCE}; "
+        f"the difference in bf16 seed spreads, |{SECOND_SEED} - {REFERENCE}|). Target: validation loss (bf16 base + adapter) and "
         f"held-out stop rate within {TARGET_SPREADS} spreads, at >= {TARGET_SPEEDUP}x the bf16 recipe's tokens/s.",
         table(figures),
         "Validation loss as trained: the run's own last evaluation (an FP8 run's through its FP8 forward). bf16 base + "
@@ -255,7 +249,7 @@ def report(args) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("part", choices=("runs", "flags", "validate", "table"))
     parser.add_argument("name", nargs="?", help="flags: the run's name")
     parser.add_argument("--recipe", default="recipes/gemma-3-270m-alpaca.yaml")
@@ -274,9 +268,7 @@ def main():
         print(shlex.join(RUNS[args.name]))
         return
     results = validate(args) if args.part == "validate" else report(args)
-    out = args.out if args.part == "validate" else args.out.with_suffix(".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_results(args.out if args.part == "validate" else args.out.with_suffix(".json"), results)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from contextlib import nullcontext
@@ -41,6 +40,7 @@ from alpaca_sft.kernels.grouped_decode import grouped_decoding
 from alpaca_sft.models.generation import BATCHINGS, Generation, generate
 from alpaca_sft.models.loading import load_model, this_process_device
 from alpaca_sft.models.tokenizer import load_tokenizer
+from harness import argument_parser, device_name, write_results
 
 HELD_OUT = ["data/heldout_alpaca.jsonl", "data/heldout_sql.jsonl", "data/eval_prompts.jsonl"]
 RUN_BATCHINGS = (*BATCHINGS, "static-grouped", "continuous")
@@ -159,7 +159,7 @@ def table(results: dict) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--base", required=True, help="model folder (or Hub id)")
     parser.add_argument("--tuned", help="adapter folder (train_sft.py output_dir) or merged model folder")
     parser.add_argument("--prompts", nargs="+", default=HELD_OUT)
@@ -176,7 +176,7 @@ def main():
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     has_tokenizer = args.tuned and (Path(args.tuned) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(args.tuned if has_tokenizer else args.base)
-    results = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+    results = {"device": device_name(),
                "torch": torch.__version__, "transformers": transformers.__version__, "dtype": dtype,
                "prompts": len(prompts), "prompt_files": args.prompts, "max_new_tokens": args.max_new_tokens,
                "models": {}}
@@ -189,8 +189,7 @@ def main():
         del model
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(f"\n{len(prompts)} prompts, {args.max_new_tokens} new tokens at most, {dtype} on {results['device']} "
           f"(transformers {transformers.__version__})\n" + table(results) + f"\n\nwrote {args.out}")
 

@@ -1,4 +1,4 @@
-"""Tables of the multi-GPU runs of bench/multi_gpu.sh: throughput in all and per GPU, scaling against
+"""Tables of the multi-GPU runs of bench/sessions/2026-11-25-multi-gpu.sh: throughput in all and per GPU, scaling against
 one GPU of the same machine, peak memory of every GPU, losses against the matching run, resume and merge.
 
     python bench/multi_gpu_report.py /tmp/out/multi_gpu --gpus 2

@@ -10,8 +10,9 @@
 # There, one call each, naming the paths in the call's carry:
 #   1. carry .whl build/carry    bash bench/real_base_inputs.sh install .whl && tar -xJf build/carry/real-data.tar.xz -C build
 #   2-5. carry .whl-gemma/partN  bash bench/real_base_inputs.sh install .whl-gemma/partN
-#   6. (nothing carried)         bash bench/real_base_inputs.sh check && setsid nohup bash bench/real_base.sh > /tmp/rb.log 2>&1 < /dev/null &
-# Packages go to /tmp/site, which every command puts first on PYTHONPATH, as bench/real_base.sh does.
+#   6. (nothing carried)         bash bench/real_base_inputs.sh check && setsid nohup bash bench/sessions/2026-12-01-real-base.sh > /tmp/rb.log 2>&1 < /dev/null &
+# Packages go to /tmp/site, which every command puts first on PYTHONPATH, as bench/sessions/2026-12-01-real-base.sh
+# does.
 set -euo pipefail
 case "$1" in
 fetch)

@@ -11,7 +11,6 @@ gradients (+2N when checkpointing recomputes the forward), N = the model's linea
 against a bf16 8192^3 matmul measured on the same GPU.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ import yaml
 
 from alpaca_sft.train.settings import cpu_overrides
 from fp8_yardstick import FP8_VARIANTS, speed_config
+from harness import add_model_and_data, argument_parser, device_name, write_results
 
 CONFIGS = {  # name: (recipe, flags on top of it); "trl-*" are bench/trl_peers.py's peers. Run in this order.
     "lora-recipe": ("recipes/mistral-7b-lora.yaml", []),
@@ -144,7 +144,7 @@ def table(runs: dict, args, tflops, weights: int, tokens: int) -> str:
         return (runs.get(name, {}).get("tokens_per_second") or {}).get("last_logged")
 
     defaults_rate, tuned_rate = rate_of("trl-defaults"), rate_of("trl-tuned")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = device_name()
     peak = card_peak_tflops(device)
     lines = [f"{time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, bf16 matmul measured {tflops or 0:.0f} "
              f"TFLOP/s (card peak {peak or 0:.0f}), {weights / 1e9:.2f} B linear weights, {tokens:,} tokens per epoch, "
@@ -178,9 +178,8 @@ def table(runs: dict, args, tflops, weights: int, tokens: int) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
+    parser = argument_parser(__doc__)
+    add_model_and_data(parser)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run; the last quarter is measured")
     parser.add_argument("--rows", type=int, help="train on the first ROWS records only (enough for --steps; faster start)")
     parser.add_argument("--baseline_steps", type=int, default=30, help="steps of trl-defaults (8 short examples each); trl-tuned runs 3x --steps")
@@ -200,7 +199,7 @@ def main():
     for name in args.configs:  # the table is rewritten after every run: a cut-off call keeps what finished
         started = time.time()
         runs[name] = run_config(name, *CONFIGS[name], args, args.work)
-        (args.out.parent / f"{name}.json").write_text(json.dumps(runs[name], indent=2))
+        write_results(args.out.parent / f"{name}.json", runs[name])
         args.out.write_text(table(runs, args, tflops, weights, counting.result()))
         print(f"{name}: {runs[name].get('status')} in {time.time() - started:.0f} s", flush=True)
     print(args.out.read_text())

@@ -3,11 +3,12 @@
     python bench/step_breakdown.py --model /tmp/smoke/mistral-7b --data /tmp/smoke/alpaca.jsonl \
         --config recipes/mistral-7b-lora.yaml --out bench/results/breakdown.json
 
-The trainer is the one train_sft.py builds from the recipe (alpaca_sft.train.run.build_trainer: loader,
-PEFT adapters, Liger kernels, TRL's fused LM head, BFD-packed rows and TRL's padding-free collator). Each variant
-then times forward + backward of the same packed micro-batches through the trainer's own
-compute_loss under the trainer's accelerator (bf16 autocast), with no optimizer step, changing one
-lever from the recipe:
+The trainer is the one train_sft.py builds from the recipe: its run prepared as train_sft.py prepares it
+(alpaca_sft/train/prepare.py: settings checked, the pipeline's defaults filled in), then alpaca_sft.train.run's
+build_trainer (loader, PEFT adapters, Liger kernels, TRL's fused LM head, BFD-packed rows and TRL's padding-free
+collator). Each variant then times forward + backward of the same packed micro-batches through the trainer's own
+compute_loss under the trainer's accelerator (bf16 autocast), with no optimizer step, changing one lever from the
+recipe:
 
   recipe          as shipped: LoRA weights fp32, the adapted layers' inputs left in bf16
   peft-upcast     PEFT's default: every adapted layer's input is first copied to fp32
@@ -25,8 +26,6 @@ On a GPU it then profiles one recipe micro-batch and splits its GPU time into ba
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -37,12 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sf
 import torch
 from peft.helpers import disable_input_dtype_casting
 
-from alpaca_sft.data.dataset import build_dataset
 from alpaca_sft.kernels import fp8_base
 from alpaca_sft.kernels.fused_lora import fuse_lora
-from alpaca_sft.models.tokenizer import load_tokenizer
 from alpaca_sft.train.run import build_trainer as build_training_trainer
-from alpaca_sft.train.settings import cpu_overrides, parse_settings
+from harness import add_model_and_data, argument_parser, device_name, prepared_run, write_results
 from speed import linear_weights, matmul_tflops  # bench/speed.py, beside this script
 
 VARIANTS = ("recipe", "peft-upcast", "rows-4", "checkpointing", "bf16-adapters", "no-adapters", "unshared", "fast-input-grad")
@@ -52,14 +49,10 @@ GPU = torch.cuda.is_available()
 def recipe_trainer(args, *flags: str):
     """The trainer train_sft.py builds from the recipe (args.config, .model, .data, .work, .rows), without
     validation, with train_sft.py's `flags` on top; bench/step_gaps.py trains it."""
-    script_args, training_args, model_args = parse_settings(
-        ["--config", args.config, "--model_name_or_path", args.model, "--dataset_name", args.data,
-         "--output_dir", str(args.work), "--report_to", "none", *cpu_overrides(),
-         "--validation_size", "0", "--eval_strategy", "no", "--eval_on_start", "false", "--samples_at_end", "0", *flags]
-    )
-    tokenizer = load_tokenizer(args.model)
-    dataset, _ = build_dataset(args.data, tokenizer, max_length=training_args.max_length, max_rows=args.rows)
-    return build_training_trainer(script_args, training_args, model_args, tokenizer, dataset)
+    with prepared_run(args.config, "--model_name_or_path", args.model, "--dataset_name", args.data, "--output_dir",
+                      args.work, "--max_train_rows", args.rows, "--report_to", "none", "--validation_size", "0",
+                      *flags) as run:
+        return build_training_trainer(*run.settings, run.tokenizer, run.dataset)
 
 
 def build_trainer(args):
@@ -176,9 +169,8 @@ def matmul_split(prof, lora_rank: int) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
+    parser = argument_parser(__doc__)
+    add_model_and_data(parser)
     parser.add_argument("--config", default="recipes/mistral-7b-lora.yaml")
     parser.add_argument("--rows", type=int, default=3000, help="records to tokenize and pack (enough for the batches)")
     parser.add_argument("--steps", type=int, default=4, help="timed micro-batches per variant, after 2 warm-up ones")
@@ -193,64 +185,68 @@ def main():
     trainer = build_trainer(args)
     model = trainer.accelerator.prepare_model(trainer.model)  # bf16 autocast around forward, as in training
     model.train()  # as Trainer.training_step does: checkpointing, for one, only acts in training mode
-    autocast = trainer.args.bf16 or trainer.args.fp16
-    recipe_rows = trainer.args.per_device_train_batch_size
-    lora_rank = trainer.model.peft_config["default"].r
-    weights = linear_weights(args.model)
 
     def step(batch):
         loss = trainer.compute_loss(model, batch)
         trainer.accelerator.backward(loss)
 
-    results = {"device": torch.cuda.get_device_name() if GPU else "cpu", "torch": torch.__version__,
-               "config": args.config, "linear_weights": weights, "variants": {}}
+    results = {"device": device_name(), "torch": torch.__version__, "config": args.config,
+               "linear_weights": linear_weights(args.model), "variants": {}}
     print(f"{'variant':14} {'rows':>4} {'tokens':>7} {'ms':>8} {'tokens/s':>9} {'vs recipe':>9} {'MFU':>5} {'peak GiB':>8}")
-    for name in args.variants:
-        rows = int(name.split("-")[1]) if name.startswith("rows-") else recipe_rows
-        batches = micro_batches(trainer, rows, 2 + args.steps)
-        model.zero_grad(set_to_none=True)
-        if GPU:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            with lever(name, trainer.model, autocast):
-                seconds, tokens = time_micro_batches(step, batches, warmup=2)
-        except torch.OutOfMemoryError:
-            results["variants"][name] = {"rows": rows, "status": "out of memory"}
-            print(f"{name:14} {rows:>4} out of memory", flush=True)
-            continue
-        rate = tokens / seconds
-        flops = (6 if name == "checkpointing" else 4) * weights * rate
-        row = {"rows": rows, "tokens": tokens, "ms": seconds * 1e3, "tokens_per_second": rate,
-               "mfu": flops / (args.tflops * 1e12) if args.tflops else None,
-               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if GPU else None}
-        results["variants"][name] = row
-        base = results["variants"].get("recipe", {}).get("tokens_per_second")
-        ratio = f"{rate / base:.2f}x" if base else ""
-        mfu = f"{row['mfu']:.0%}" if row["mfu"] else ""
-        print(f"{name:14} {rows:>4} {tokens:>7} {row['ms']:>8.1f} {rate:>9,.0f} {ratio:>9} {mfu:>5} {row['peak_gib'] or 0:>8.1f}",
-              flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-
+    for name in args.variants:  # the results are rewritten after each: a cut-off call keeps what finished
+        recipe_rate = results["variants"].get("recipe", {}).get("tokens_per_second")
+        results["variants"][name] = time_variant(name, trainer, step, args, results["linear_weights"], recipe_rate)
+        write_results(args.out, results)
     if GPU:
-        batch = micro_batches(trainer, recipe_rows, 1)[0]
-        with lever("recipe", trainer.model, autocast):
-            step(batch)  # warm
-            sync()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
-                                        record_shapes=True) as prof:
-                step(batch)
-                sync()
-        split = matmul_split(prof, lora_rank)
-        results["profile_recipe"] = {"tokens": int(batch["input_ids"].numel()), **split}
-        args.out.write_text(json.dumps(results, indent=2))
-        print(f"\nrecipe micro-batch, {batch['input_ids'].numel()} tokens, GPU time {split['gpu_ms']:.1f} ms: "
-              f"base GEMMs {split['base_gemm_ms']:.1f} ms ({split['base_gemm_tflops'] or 0:.0f} TFLOP/s), "
-              f"LoRA GEMMs {split['lora_gemm_ms']:.1f} ms, everything else {split['other_ms']:.1f} ms")
-        for kernel in split["top_kernels"]:
-            print(f"  {kernel['ms']:8.2f} ms {kernel['calls']:5d}x  {kernel['name']}")
+        results["profile_recipe"] = profile_recipe(trainer, step)
+        write_results(args.out, results)
     print(f"wrote {args.out}")
+
+
+def profile_recipe(trainer, step) -> dict:
+    """One recipe micro-batch under the profiler: its GPU time split into base GEMMs, LoRA GEMMs and the rest."""
+    batch = micro_batches(trainer, trainer.args.per_device_train_batch_size, 1)[0]
+    with lever("recipe", trainer.model, autocast=trainer.args.bf16 or trainer.args.fp16):
+        step(batch)  # warm
+        sync()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                                    record_shapes=True) as prof:
+            step(batch)
+            sync()
+    split = matmul_split(prof, trainer.model.peft_config["default"].r)
+    print(f"\nrecipe micro-batch, {batch['input_ids'].numel()} tokens, GPU time {split['gpu_ms']:.1f} ms: "
+          f"base GEMMs {split['base_gemm_ms']:.1f} ms ({split['base_gemm_tflops'] or 0:.0f} TFLOP/s), "
+          f"LoRA GEMMs {split['lora_gemm_ms']:.1f} ms, everything else {split['other_ms']:.1f} ms")
+    for kernel in split["top_kernels"]:
+        print(f"  {kernel['ms']:8.2f} ms {kernel['calls']:5d}x  {kernel['name']}")
+    return {"tokens": int(batch["input_ids"].numel()), **split}
+
+
+def time_variant(name: str, trainer, step, args, weights: int, recipe_rate: float | None) -> dict:
+    """One variant's forward + backward over the same micro-batches (a row of the table, printed beside the
+    recipe's rate where it was measured first)."""
+    rows = int(name.split("-")[1]) if name.startswith("rows-") else trainer.args.per_device_train_batch_size
+    batches = micro_batches(trainer, rows, 2 + args.steps)
+    trainer.model.zero_grad(set_to_none=True)
+    if GPU:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with lever(name, trainer.model, autocast=trainer.args.bf16 or trainer.args.fp16):
+            seconds, tokens = time_micro_batches(step, batches, warmup=2)
+    except torch.OutOfMemoryError:
+        print(f"{name:14} {rows:>4} out of memory", flush=True)
+        return {"rows": rows, "status": "out of memory"}
+    rate = tokens / seconds
+    flops = (6 if name == "checkpointing" else 4) * weights * rate
+    row = {"rows": rows, "tokens": tokens, "ms": seconds * 1e3, "tokens_per_second": rate,
+           "mfu": flops / (args.tflops * 1e12) if args.tflops else None,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if GPU else None}
+    ratio = f"{rate / recipe_rate:.2f}x" if recipe_rate else ("1.00x" if name == "recipe" else "")
+    mfu = f"{row['mfu']:.0%}" if row["mfu"] else ""
+    print(f"{name:14} {rows:>4} {tokens:>7} {row['ms']:>8.1f} {rate:>9,.0f} {ratio:>9} {mfu:>5} {row['peak_gib'] or 0:>8.1f}",
+          flush=True)
+    return row
 
 
 if __name__ == "__main__":

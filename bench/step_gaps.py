@@ -15,7 +15,6 @@ runtime call), and the table sums them.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the alpaca_sf
 import torch
 from transformers import TrainerCallback
 
+from harness import add_model_and_data, argument_parser, device_name, write_results
 from step_breakdown import recipe_trainer  # bench/step_breakdown.py, beside this script
 
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -113,9 +113,8 @@ def gaps(trace: dict, min_gap_ms: float) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
+    parser = argument_parser(__doc__)
+    add_model_and_data(parser)
     parser.add_argument("--config", default="recipes/mistral-7b-lora.yaml")
     parser.add_argument("--rows", type=int, default=3000, help="records to tokenize and pack")
     parser.add_argument("--first", type=int, default=4, help="first optimizer step profiled (earlier ones warm up)")
@@ -136,11 +135,10 @@ def main():
     profile.profiler.export_chrome_trace(str(trace_path))
     steps = args.last - args.first + 1
     micro_batches = steps * trainer.args.gradient_accumulation_steps
-    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    result = {"device": device_name(),
               "config": args.config, "flags": args.flags, "optimizer_steps": steps, "micro_batches": micro_batches,
               "wall_ms": profile.seconds * 1e3, **gaps(json.loads(trace_path.read_text()), args.gap_ms)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_results(args.out, result)
     print(f"{steps} optimizer steps, {micro_batches} micro-batches: wall {result['wall_ms']:.0f} ms, GPU busy "
           f"{result['gpu_busy_ms']:.0f} ms ({result['gpu_busy_ms'] / result['wall_ms']:.1%}); per micro-batch "
           f"{result['wall_ms'] / micro_batches:.1f} ms wall, {result['gpu_busy_ms'] / micro_batches:.1f} ms GPU")

@@ -13,7 +13,6 @@ PEFT LoRA r=16 on all linear layers; writes a run_summary-like JSON for bench/sp
     python bench/trl_peers.py --peer tuned --model /tmp/smoke/mistral-7b --data /tmp/smoke/alpaca.jsonl --steps 30 --out trl.json
 """
 
-import argparse
 import json
 import os
 import sys
@@ -29,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from alpaca_sft.data.template import render_prompt
+from harness import add_model_and_data, argument_parser, write_results
 
 
 class Throughput(TrainerCallback):
@@ -43,9 +43,8 @@ class Throughput(TrainerCallback):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True, help="Alpaca JSONL (instruction/input/output)")
+    parser = argument_parser(__doc__)
+    add_model_and_data(parser)
     parser.add_argument("--peer", choices=("defaults", "tuned"), default="defaults")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rows", type=int, help="the first ROWS records only (TRL tokenizes every row before step 1)")
@@ -84,7 +83,7 @@ def main():
         "settings": {"per_device_train_batch_size": config.per_device_train_batch_size,
                      "max_length": config.max_length, "packing": config.packing},
     }
-    args.out.write_text(json.dumps(summary, indent=2))
+    write_results(args.out, summary)
     print(json.dumps(summary))
 
 

@@ -28,7 +28,6 @@ os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 # Where unsloth_zoo writes the trainer and modules it generates (default ./unsloth_compiled_cache, i.e. the checkout).
 os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", "/tmp/unsloth-compiled-cache")
 
-import argparse
 import json
 import sys
 import time
@@ -45,6 +44,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer  # Unsloth's patched classes once unsloth is imported
 
 from alpaca_sft.data.template import render_prompt
+from harness import add_model_and_data, argument_parser, write_results
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # trl_peers' "all-linear"
 CHECKPOINTING = {"false": False, "unsloth": "unsloth", "true": True}  # "unsloth": its offloaded checkpointing
@@ -69,9 +69,8 @@ class Throughput(TrainerCallback):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a local model folder (tools/random_model.py)")
-    parser.add_argument("--data", required=True, help="Alpaca JSONL (instruction/input/output)")
+    parser = argument_parser(__doc__)
+    add_model_and_data(parser)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rows", type=int, help="the first ROWS records only (TRL tokenizes every row before step 1)")
     parser.add_argument("--rows_per_step", type=int, default=4, help="packed 2048-token rows per optimizer step")
@@ -126,7 +125,7 @@ def main():
                      "optim": getattr(trainer.args.optim, "value", trainer.args.optim)},
         "unsloth_version": unsloth.__version__,
     }
-    args.out.write_text(json.dumps(summary, indent=2))
+    write_results(args.out, summary)
     print(json.dumps(summary))
 
 

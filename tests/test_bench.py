@@ -60,6 +60,25 @@ def test_step_breakdown_times_each_lever_on_the_same_micro_batches(tiny_model_di
     assert all(v["tokens_per_second"] > 0 for v in variants.values())
 
 
+def test_step_breakdowns_trainer_is_train_sft_pys_checked_and_filled_in_as_a_run_is(tiny_model_dir, tmp_path):
+    # bench/step_breakdown.py (and bench/step_gaps.py through it) measures train_sft.py's trainer: a setting given
+    # to it reaches the Trainer, the pipeline's defaults fill the rest, and a setting train_sft.py refuses is refused
+    import argparse
+
+    import step_breakdown
+
+    from alpaca_sft.train.settings import SettingsError
+
+    args = argparse.Namespace(config=str(REPO / "recipes/tiny-cpu.yaml"), model=str(tiny_model_dir),
+                              data=str(REPO / "data/alpaca_sample.jsonl"), work=tmp_path / "work", rows=24)
+    trainer = step_breakdown.recipe_trainer(args, "--logging_nan_inf_filter", "true")
+    assert trainer.args.logging_nan_inf_filter is True  # given: the user's
+    assert trainer.args.include_num_input_tokens_seen is True  # not given: the pipeline's default, as in a run
+    args.work = tiny_model_dir  # the base's own folder: train_sft.py refuses to write a run there
+    with pytest.raises(SettingsError, match="is a model folder"):
+        step_breakdown.recipe_trainer(args)
+
+
 def test_attention_kernels_times_the_workloads_own_packed_micro_batches(tokenizer_dir, tokenizer, tmp_path):
     import attention_kernels
 

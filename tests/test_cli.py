@@ -383,10 +383,10 @@ def test_a_setting_that_is_almost_surely_a_mistake_is_warned_with_its_number(tin
     from alpaca_sft.train.checks import check_settings
 
     warnings = check_settings(*parse("--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out",
-                                     "--learning_rate", 1e6, "--lora_r", 24))
+                                     "--learning_rate", 1e6, "--lora_r", 24)).warnings
     assert any("learning_rate=1e+06: LoRA trains at 1e-4 to 1e-3" in w for w in warnings)
     assert any("lora_r=24: more than half the smallest adapted layer's 32 dimensions" in w for w in warnings)
-    assert check_settings(*parse("--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out2")) == []
+    assert check_settings(*parse("--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out2")).warnings == []
 
 
 def test_a_setting_the_user_gives_is_the_one_the_trainer_gets_and_a_default_fills_only_the_rest(tiny_model_dir, tmp_path):

@@ -262,7 +262,7 @@ def test_an_edited_adapter_config_is_refused_by_name_before_anything_loads(tiny_
 def test_an_interrupted_run_points_to_its_newest_complete_checkpoint(tiny_model_dir, adapter_dir, tmp_path):
     import shutil
 
-    from alpaca_sft.train.checkpoints import SEAL
+    from alpaca_sft.run_folder.layout import SEAL
 
     stopped = tmp_path / "stopped"
     for step in (3, 6):  # 3 sealed; 6 as a kill -9 in the middle of its save leaves it
@@ -375,7 +375,7 @@ def test_fp8_trained_adapter_is_merged_in_full_precision_and_its_gap_reported(ti
 def test_card_of_an_alpaca_run_carries_its_license_and_scores(tmp_path):
     from alpaca_sft.eval.report import METRICS
     from alpaca_sft.release.card import model_card
-    from alpaca_sft.train.run_record import RunRecord
+    from alpaca_sft.run_folder.record import RunRecord
 
     (tmp_path / "train_config.yaml").write_text("dataset_name: tatsu-lab/alpaca\nload_in_4bit: true\nlora_r: 16\n")
     scores = {name: {key: None for key, _, _ in METRICS} for name in ("base", "tuned")}
@@ -385,6 +385,21 @@ def test_card_of_an_alpaca_run_carries_its_license_and_scores(tmp_path):
     assert "QLoRA adapter" in card.text and "non-commercial" in card.text
     (result,) = card.data.eval_results  # the Hub's model-index: what the comparison measured
     assert result.metric_type == "stopped_by_eos" and result.metric_value == 0.875
+
+
+def test_a_run_record_reads_the_base_precision_and_lora_a_run_trained_with(tmp_path):
+    from alpaca_sft.run_folder.record import RunRecord
+
+    (tmp_path / "train_config.yaml").write_text("fp8_base: true\nfp8_layers: [q_proj, v_proj]\ndtype: bfloat16\n"
+                                                "lora_r: 8\nlora_target_modules: all-linear\n")
+    (tmp_path / "run_summary.json").write_text(json.dumps({"base_fingerprint": "abc", "resumed_with_changes": ["seed"]}))
+    record = RunRecord.read(tmp_path)
+    # a setting the record lacks is the default the run had: fp8_input_grad came later, e4m3 before it
+    assert record.precision.kind == "FP8" and record.precision.fp8_layers == ("q_proj", "v_proj")
+    assert record.precision.fp8_input_grad == "fp8" and record.lora.r == 8 and record.lora.lora_alpha == 32
+    assert record.base_fingerprint == "abc" and record.summary.resumed_with_changes == ("seed",)
+    elsewhere = RunRecord.read(tmp_path / "missing")  # an adapter train_sft.py did not make
+    assert elsewhere.precision is elsewhere.lora is elsewhere.summary is None and elsewhere.settings == {}
 
 
 # Several tuned models in one call; the comparison's folder (one run at a time, nothing half-written looking
@@ -460,7 +475,7 @@ def test_several_tuned_models_need_an_output_dir_and_cannot_be_pushed(capsys):
 
 def test_a_second_run_into_a_folder_in_use_is_refused_before_generating(tiny_model_dir, adapter_dir, prompt_file,
                                                                         tmp_path, capsys):
-    from alpaca_sft.train.output_dir import OutputDirLock
+    from alpaca_sft.run_folder.lock import OutputDirLock
 
     out = tmp_path / "cmp"
     lock = OutputDirLock(out).acquire()  # another eval_compare.py writing there

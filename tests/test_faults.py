@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from transformers import Trainer
 
 import train_sft
+from alpaca_sft.run_folder.layout import LOCK_FILE, RUN_FILES, SEAL, listed
+from alpaca_sft.run_folder.lock import OutputDirLock
 from alpaca_sft.train.callbacks import GracefulStop
-from alpaca_sft.train.checkpoints import SEAL
-from alpaca_sft.train.output_dir import LOCK_FILE, RUN_FILES, OutputDirLock, listed
 
 # 6 steps, a checkpoint every 2: the fault strikes checkpoint-4, checkpoint-2 is the last good one.
 STEPS = ("--max_steps", 6, "--save_strategy", "steps", "--save_steps", 2, "--logging_steps", 2)
@@ -210,7 +210,7 @@ def test_one_run_per_output_dir_and_a_dead_holder_is_taken_over(tiny_model_dir, 
 
 
 def test_a_running_run_holds_its_folder_until_it_ends(tiny_model_dir, tmp_path, monkeypatch):
-    from alpaca_sft.train.settings import SettingsError
+    from alpaca_sft.run_folder.lock import FolderInUse
 
     out, refused = tmp_path / "run", []
     step_end = GracefulStop.on_step_end
@@ -218,7 +218,7 @@ def test_a_running_run_holds_its_folder_until_it_ends(tiny_model_dir, tmp_path, 
     def second_run_tries_the_folder(self, args, state, control, **kwargs):
         try:
             OutputDirLock(out).acquire().release()
-        except SettingsError as err:
+        except FolderInUse as err:
             refused.append(str(err))
         return step_end(self, args, state, control, **kwargs)
 
@@ -318,7 +318,7 @@ def test_a_resume_with_other_settings_is_refused_naming_them(tiny_model_dir, tmp
     assert code == 1 and "checkpoint-4 has no optimizer.pt" in said
     code, said = cli(capsys, *common, "--allow_changed_settings", "true", "--logging_steps", 1)  # logging may change
     assert code == 0, said
-    assert json.loads((out / "run_summary.json").read_text())["data"]["resumed_with_changes"] == [
+    assert json.loads((out / "run_summary.json").read_text())["resumed_with_changes"] == [
         "checkpoint-4 has no optimizer.pt: the run would go on with a fresh optimizer or schedule"]
 
 

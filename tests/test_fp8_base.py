@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 from alpaca_sft.kernels import fp8_base
 from alpaca_sft.kernels.fp8_base import E4M3_MAX, Fp8FrozenLinear, quantize_frozen_base, quantize_rows
 from alpaca_sft.kernels.fused_lora import fuse_lora
+from alpaca_sft.kernels.shared_input import input_cache
 
 
 def dequantize(q, scale):
@@ -251,7 +252,7 @@ def test_fp8_layers_chosen_by_name_and_no_quantized_input_outlives_its_fp8_reade
         logits = model(input_ids=ids).logits.float()
         # per layer: q's input, quantized once for q and v (k, between them, is bf16), and gate's; gate keeps none
         # for up, which is bf16: nothing quantized is left held once the forward is done
-        assert calls == [(5, 64), (5, 64)] * 2 and fp8_base._shared_input.quantized is None
+        assert calls == [(5, 64), (5, 64)] * 2 and len(input_cache) == 0
         reference, every_layer = (m(input_ids=ids).logits.float() for m in (bf16, all_fp8))
     # fewer layers rounded to e4m3, nearer the bf16 model (0.069 against 0.114 here: the tiny model's large
     # weights make it chaotic)
@@ -283,16 +284,17 @@ def test_fp8_base_settings_are_checked_before_weights_load(tiny_model_dir, tmp_p
 @needs_cpu_fp8
 def test_fp8_gap_rebuilds_the_layers_the_run_recorded(tiny_model_dir, tokenizer, tmp_path):
     from alpaca_sft.release.merge import logits_on, quantized_gap
+    from alpaca_sft.run_folder.record import BasePrecision
 
     model = adapted(tiny_model_dir)
     model.save_pretrained(tmp_path / "run")
     texts = ["### Instruction:\nName a color.\n\n### Response:\n"]
     merged = logits_on(model.merge_and_unload(), tokenizer, texts)
-    recorded = {"fp8_base": True, "fp8_layers": ["q_proj", "k_proj", "v_proj", "o_proj"], "dtype": "bfloat16"}
+    recorded = BasePrecision(dtype="bfloat16", fp8_base=True, fp8_layers=("q_proj", "k_proj", "v_proj", "o_proj"))
     gap = quantized_gap(str(tiny_model_dir), tmp_path / "run", recorded, tokenizer, texts, merged)
     assert gap["layers_in_fp8"] == 2 * 4 and gap["mean_abs_logit_diff"] > 0
-    gap = quantized_gap(str(tiny_model_dir), tmp_path / "run", {"fp8_base": True, "dtype": "bfloat16"}, tokenizer, texts,
-                        merged)  # a run recorded before fp8_layers existed: every adapted layer, as it trained
+    gap = quantized_gap(str(tiny_model_dir), tmp_path / "run", BasePrecision(dtype="bfloat16", fp8_base=True), tokenizer,
+                        texts, merged)  # a run recorded before fp8_layers existed: every adapted layer, as it trained
     assert gap["layers_in_fp8"] == 2 * 7
 
 

@@ -2,6 +2,8 @@
 and layers it does not cover still run PEFT's own forward."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -87,6 +89,27 @@ def test_a_sibling_called_on_another_input_computes_its_own(tiny_model_dir):
         x.mul_(2)  # same tensor, new values
         torch.testing.assert_close(attention.k_proj(x), expected.k_proj(x))
         torch.testing.assert_close(attention.k_proj(x), expected.k_proj(x))  # nothing left over from the leader
+
+
+def test_outputs_left_for_siblings_that_never_read_them_go_once_the_next_group_runs(tiny_model_dir, monkeypatch):
+    # q leaves k's and v's outputs for their calls; a model that never makes them (another order, a layer skipped)
+    # must not keep those outputs alive past the next group's input
+    from alpaca_sft.kernels import fused_lora
+
+    grouped = adapted(tiny_model_dir)
+    fuse_lora(grouped)
+    layer = grouped.base_model.model.model.layers[0]
+    left = []
+    real = fused_lora._SharedInputLora.apply
+    monkeypatch.setattr(fused_lora._SharedInputLora, "apply",
+                        lambda *a: (out := real(*a), left.extend(weakref.ref(o) for o in out[1:]))[0])
+    x, y = torch.randn(2, 1, 5, 64, generator=torch.Generator().manual_seed(3)).unbind(0)
+    with torch.no_grad():
+        layer.self_attn.q_proj(x)
+        layer.mlp.gate_proj(y)  # the MLP's group, on another input
+        layer.mlp.up_proj(y)
+    gc.collect()
+    assert len(left) == 2 + 1 and not any(ref() is not None for ref in left)
 
 
 def test_fused_lora_in_bf16_is_as_close_to_fp32_as_peft(tiny_model_dir, batch):

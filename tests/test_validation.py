@@ -128,7 +128,7 @@ def test_validation_lands_in_the_console_the_summary_tensorboard_and_the_card(ti
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from alpaca_sft.release.card import model_card
-    from alpaca_sft.train.run_record import RunRecord
+    from alpaca_sft.run_folder.record import RunRecord
 
     run = tmp_path / "run"
     train(tiny_model_dir, run, "--max_steps", 10, "--validation_size", 4, "--eval_strategy", "steps", "--eval_steps", 5,

@@ -38,7 +38,6 @@ class DataReport:
     mix: dict[str, Any] | None = None  # mix_in: the second data set, and the share of training examples it makes up
     fingerprint: str | None = None  # of the examples trained on, in order: a resume checks it (train/checkpoints.py)
     validation_fingerprint: str | None = None  # of the validation examples: a resume checks it too
-    resumed_with_changes: list[str] | None = None  # what --allow_changed_settings let a resume change
     validation: dict[str, Any] | None = None  # data/split.py: where the validation examples came from
 
     @property

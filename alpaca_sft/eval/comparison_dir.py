@@ -1,8 +1,8 @@
 """The comparison's folder (eval_compare.py's --output_dir): one run in it at a time, and nothing half-written
 that looks whole.
 
-- One run per folder: the lock of train/output_dir.py (an flock on .lock, dropped by the kernel however the
-  process ends).
+- One run per folder: the lock of a run's folder (run_folder/lock.py: an flock on .lock, dropped by the kernel
+  however the process ends).
 - A run writes only under temporary names (`.tmp-*`) until it is done: the merged models into one staged
   tree, each sealed by merge.json, written last into it, and the reports. Then it publishes, in this
   order: the earlier comparison.json is removed, merged/ is replaced by the staged tree (or removed, when
@@ -24,7 +24,8 @@ import re
 import shutil
 from pathlib import Path
 
-from ..train.output_dir import LOCK_FILE, OutputDirLock
+from ..run_folder.layout import LOCK_FILE
+from ..run_folder.lock import FolderInUse, OutputDirLock
 
 TEMP_PREFIX = ".tmp"  # this module's `.tmp-*` and safetensors' `.tmpXXXXXX` alike
 MERGED = "merged"
@@ -91,6 +92,8 @@ class ComparisonDir:
     def __enter__(self) -> ComparisonDir:
         try:
             self.lock.acquire()
+        except FolderInUse as err:
+            raise ComparisonDirError(str(err)) from None
         except OSError as err:
             raise ComparisonDirError(f"cannot write to --output_dir {self.path}: {err.strerror}"
                                      f"{f' ({err.filename})' if err.filename else ''}. Give a folder you can write to") from None

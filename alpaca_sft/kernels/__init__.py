@@ -6,4 +6,7 @@
 - attention.resolve_attention: which attention "auto" picks for packed rows, and document_flex itself;
 - grouped_decode.grouped_decoding: generation's decoding steps read each key/value head once, not once per query head;
 - liger.pin_liger_rope_to_triton: Liger's RoPE kept on the Triton kernel the recipes were measured with.
+
+shared_input.py is theirs, not an entry point: which layers read one input, and the one cache where a layer leaves
+what it computed from it for the next (fused_lora's group outputs, fp8_base's quantized input).
 """

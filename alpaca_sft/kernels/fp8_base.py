@@ -22,12 +22,12 @@ there (fp8_gemm_problem, below); the math runs on the CPU only for tests and for
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 from torch import nn
 
-from .fused_lora import SHARED_INPUT_GROUPS, lora_gradients, save_for_lora_backward
+from .fused_lora import lora_gradients, save_for_lora_backward
+from .shared_input import input_cache, read_after
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -154,30 +154,15 @@ def fp8_matmul(q: torch.Tensor, scale: torch.Tensor, weight_q: torch.Tensor, wei
                             use_fast_accum=fast_accumulation)
 
 
-class _SharedInput:
-    """The input a layer quantized, kept for the next layers that read the same tensor: q, k and v are
-    called one after another on the same normed hidden states, as are gate and up. Only layers marked
-    as shared readers keep it, and it is dropped once a layer that is not one has read it, so that no
-    quantized input outlives its readers (at the end of the forward, when memory peaks, none is held).
-    Reuse is keyed on the tensor itself (alive and unchanged), so a model that calls its layers in
-    another order only quantizes more often, never wrongly."""
-
-    def __init__(self):
-        self.source, self.version, self.quantized = None, None, None
-
-    def __call__(self, x: torch.Tensor, x2: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.source is not None and self.source() is x and self.version == x._version:
-            quantized = self.quantized
-        else:
-            quantized = quantize_activation(x2)
-        if keep:
-            self.source, self.version, self.quantized = weakref.ref(x), x._version, quantized
-        else:
-            self.source = self.version = self.quantized = None
-        return quantized
-
-
-_shared_input = _SharedInput()
+def _quantized_input(x: torch.Tensor, x2: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's rows (x2) quantized, or as the FP8 layer before quantized them for this one (q for k and v, gate for up:
+    kernels/shared_input.py); left for the next if `keep`, that is if a sibling in FP8 reads x next."""
+    quantized = input_cache.take(x, Fp8FrozenLinear)
+    if quantized is None:
+        quantized = quantize_activation(x2)
+    if keep:
+        input_cache.leave(x, Fp8FrozenLinear, quantized)
+    return quantized
 
 
 class Fp8FrozenLinear(nn.Module):
@@ -235,7 +220,7 @@ class _Fp8LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base: Fp8FrozenLinear, lora_a, lora_b, scale):
         x2 = x.reshape(-1, x.shape[-1])
-        q, q_scale = _shared_input(x, x2, keep=base.input_read_again)
+        q, q_scale = _quantized_input(x, x2, keep=base.input_read_again)
         out = fp8_matmul(q, q_scale, base.weight_q, base.weight_scale, FAST_ACCUMULATION_FORWARD)
         if base.bias is not None:
             out.add_(base.bias)
@@ -286,9 +271,7 @@ def quantize_frozen_base(model: nn.Module, layers: list[str] | None = None, inpu
     for name, layer in chosen.items():
         # q, k and v (gate and up) read one input one after another: a layer keeps its quantized input for
         # the siblings after it, where one of them is in FP8 too (kept for none, it would outlive its readers)
-        parent, _, own = name.rpartition(".")
-        later = next((group[group.index(own) + 1:] for group in SHARED_INPUT_GROUPS if own in group), ())
-        layer.base_layer.input_read_again = any(f"{parent}.{sibling}" in chosen for sibling in later)
+        layer.base_layer.input_read_again = any(sibling in chosen for sibling in read_after(name))
     if chosen and torch.cuda.is_available():
         torch.cuda.empty_cache()  # the freed bf16 weights, back to the allocator's pool for activations
     return len(chosen)

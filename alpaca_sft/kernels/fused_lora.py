@@ -14,7 +14,8 @@ base: one rank-r GEMM of x with their A's side by side instead of one each (x re
 times, in forward and again for A's gradients), and one input gradient that every member's GEMMs
 accumulate into, instead of one per member that autograd then adds up (two full passes for q/k/v,
 one for gate/up). The group's first layer computes every member's output; the others hand back theirs
-when called with that same input (the tensor itself, unchanged), and otherwise compute on their own.
+when called with that same input (the tensor itself, unchanged: kernels/shared_input.py), and otherwise compute
+on their own.
 
 A base that brings its own fused function (`forward_with_lora`: the FP8 base of kernels/fp8_base.py) runs it.
 
@@ -27,10 +28,11 @@ from __future__ import annotations
 
 import importlib.util
 import types
-import weakref
 
 import torch
 from torch import nn
+
+from .shared_input import SHARED_INPUT_GROUPS, input_cache
 
 
 def lora_gradients(ctx, grad_out):
@@ -177,7 +179,7 @@ def _group_forward(leader, x: torch.Tensor, adapter: str) -> torch.Tensor | None
                + [m.lora_B[adapter].weight for m in members])
     outputs = _SharedInputLora.apply(x, tuple(m.scaling[adapter] for m in members), *tensors)
     for sibling, output in zip(leader.shared_input_siblings, outputs[1:]):
-        sibling.output_from_leader = (weakref.ref(x), x._version, output)
+        input_cache.leave(x, sibling, output)
     return outputs[0]
 
 
@@ -186,9 +188,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     adapter = None if args or kwargs else _plain_adapter(self)
     if adapter is None:
         return type(self).forward(self, x, *args, **kwargs)
-    handed = self.__dict__.pop("output_from_leader", None)
-    if handed is not None and handed[0]() is x and handed[1] == x._version:
-        return handed[2]
+    if (handed := input_cache.take(x, self)) is not None:
+        return handed
     base = self.base_layer
     lora_a, lora_b, scale = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
     if hasattr(base, "forward_with_lora"):
@@ -211,12 +212,6 @@ def _lora_linear_classes() -> tuple[type, ...]:
     return (Linear,) + tuple(c for c in (getattr(bnb, "Linear4bit", None),) if c is not None)
 
 
-# Sibling layers that read one input, called in this order, in Llama-family decoders (Mistral's, Qwen2's,
-# Gemma 3's): q, k, v on the normed hidden states, gate and up on the MLP's input. A model that calls them
-# otherwise stays right: a sibling whose input is not the leader's computes its own output.
-SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
 def fuse_lora(model: nn.Module, share_inputs: bool = True) -> int:
     """Route every PEFT LoRA Linear (bf16 or 4-bit base) of `model` through the fused forward, the
     sibling layers of SHARED_INPUT_GROUPS as groups unless share_inputs is false; returns how many layers."""
@@ -225,7 +220,6 @@ def fuse_lora(model: nn.Module, share_inputs: bool = True) -> int:
     for layer in layers:
         layer.forward = types.MethodType(_fused_forward, layer)
         layer.shared_input_siblings = ()
-        layer.__dict__.pop("output_from_leader", None)
     if share_inputs:
         for parent in model.modules():
             for names in SHARED_INPUT_GROUPS:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..eval.report import METRICS, summary_table
-from ..train.run_record import RunRecord
+from ..run_folder.record import RunRecord, RunSummary
 
 RECIPE_KEYS = ("model_name_or_path", "dataset_name", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
                "load_in_4bit", "max_length", "packing", "num_train_epochs", "learning_rate",
@@ -16,9 +16,9 @@ TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
 
 def model_card(base: str, record: RunRecord | None, scores: dict, prompts_file: str, model_name: str,
                eos_token: str = "</s>") -> ModelCard:
-    recipe, summary = (record.config, record.summary) if record else ({}, {})
-    dataset = recipe.get("dataset_name", "tatsu-lab/alpaca")
-    mixed = recipe.get("mix_dataset_name")
+    recipe, summary = (record.settings, record.summary) if record else ({}, None)
+    dataset = record.dataset_name if record and record.dataset_name else "tatsu-lab/alpaca"
+    mixed = record.mix_dataset_name if record else None
     alpaca = "alpaca" in dataset.lower()
     tuned = scores.get("tuned", {})
     results = [
@@ -30,8 +30,9 @@ def model_card(base: str, record: RunRecord | None, scores: dict, prompts_file: 
                          license="cc-by-nc-4.0" if alpaca else "other",
                          library_name="transformers", tags=["sft", "trl", "peft", "lora", "alpaca"],
                          model_name=model_name, eval_results=results or None)
-    adapter = "QLoRA" if recipe.get("load_in_4bit") else "FP8-base LoRA" if recipe.get("fp8_base") else "LoRA"
-    mix = f", with `{mixed}` mixed in ({recipe.get('mix_share', 0):.0%} of the examples)" if mixed else ""
+    precision = record.precision.kind if record and record.precision else None
+    adapter = {"4-bit": "QLoRA", "FP8": "FP8-base LoRA"}.get(precision, "LoRA")
+    mix = f", with `{mixed}` mixed in ({record.mix_share:.0%} of the examples)" if mixed else ""
     lines = [
         f"# {base.split('/')[-1]} instruction-tuned on {dataset}", "",
         f"`{base}` with a {adapter} adapter trained by TRL's SFTTrainer on Alpaca-formatted instructions "
@@ -45,36 +46,33 @@ def model_card(base: str, record: RunRecord | None, scores: dict, prompts_file: 
         lines += ["## Recipe", "", "| setting | value |", "|---|---|"]
         lines += [f"| {k} | `{recipe[k]}` |" for k in RECIPE_KEYS if k in recipe] + [""]
     if summary:
-        data_report = summary.get("data", {})
-        rate = (summary.get("tokens_per_second") or {}).get("mean_over_run")
         lines += ["## Training", "",
-                  f"- examples: {data_report.get('rows_kept')} kept of {data_report.get('rows_read')} read; "
-                  f"{data_report.get('trained_tokens')} trained tokens of {data_report.get('total_tokens')}",
-                  f"- steps: {summary.get('global_step')}, loss {summary.get('first_loss')} -> {summary.get('last_loss')}",
-                  f"- throughput: {rate:,.0f} tokens/s; peak GPU memory {summary.get('peak_gpu_memory_gib')} GiB"
-                  if rate else "- throughput: not recorded"]
+                  f"- examples: {summary.rows_kept} kept of {summary.rows_read} read; "
+                  f"{summary.trained_tokens} trained tokens of {summary.total_tokens}",
+                  f"- steps: {summary.steps}, loss {summary.first_loss} -> {summary.last_loss}",
+                  f"- throughput: {summary.tokens_per_second:,.0f} tokens/s; peak GPU memory "
+                  f"{summary.peak_gpu_memory_gib} GiB" if summary.tokens_per_second else "- throughput: not recorded"]
         lines += _validation_lines(summary) + [""]
     if scores:
         lines += [f"## Base vs tuned (greedy, same prompts: `{prompts_file}`)", "", summary_table(scores), ""]
     return ModelCard.from_template(data, template_str=TEMPLATE, body="\n".join(lines))
 
 
-def _validation_lines(summary: dict) -> list[str]:
+def _validation_lines(summary: RunSummary) -> list[str]:
     """The validation loss and the stop metric (EOS top-1 and p(EOS) where validation responses end),
     first and last evaluation, and the greedy answers after training."""
-    evaluations = (summary.get("validation") or {}).get("evaluations") or []
-    held = (summary.get("data") or {}).get("validation") or {}
     lines = []
-    if evaluations:
-        first, last = evaluations[0], evaluations[-1]
-        lines.append(f"- validation ({held.get('examples', '?')} examples {held.get('source', '')}): loss "
-                     f"{first['loss']:.4f} at step {first['step']} -> {last['loss']:.4f} at step {last['step']}")
-        if last.get("eos_top1") is not None:
+    if summary.evaluations:
+        first, last = summary.evaluations[0], summary.evaluations[-1]
+        examples = summary.validation_examples if summary.validation_examples is not None else "?"
+        lines.append(f"- validation ({examples} examples {summary.validation_source}): loss "
+                     f"{first.loss:.4f} at step {first.step} -> {last.loss:.4f} at step {last.step}")
+        if last.eos_top1 is not None:
             lines.append(f"- stop metric where validation responses end: EOS the most likely next token "
-                         f"{first['eos_top1']:.0%} -> {last['eos_top1']:.0%}, mean p(EOS) "
-                         f"{first['eos_prob']:.3f} -> {last['eos_prob']:.3f}")
-    samples = summary.get("samples_at_end")
+                         f"{first.eos_top1:.0%} -> {last.eos_top1:.0%}, mean p(EOS) "
+                         f"{first.eos_prob:.3f} -> {last.eos_prob:.3f}")
+    samples = summary.samples
     if samples:
-        lines.append(f"- greedy answers to {samples['prompts']} validation prompts after training: "
-                     f"{samples['stopped_by_eos']} stopped by EOS, {samples['mean_new_tokens']:.1f} new tokens on average")
+        lines.append(f"- greedy answers to {samples.prompts} validation prompts after training: "
+                     f"{samples.stopped_by_eos} stopped by EOS, {samples.mean_new_tokens:.1f} new tokens on average")
     return lines

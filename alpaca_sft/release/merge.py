@@ -13,6 +13,7 @@ import torch
 from ..kernels.fp8_base import fp8_gemm_problem, quantize_frozen_base
 from ..kernels.fused_lora import fuse_lora
 from ..models.loading import load_model, set_generation_ids, this_process_device
+from ..run_folder.record import BasePrecision
 
 
 def logits_on(model, tokenizer, texts: list[str]) -> torch.Tensor:
@@ -35,29 +36,26 @@ def merge(base_model, adapter_dir: Path, tokenizer, probe_texts: list[str]):
     return merged, (before - after).abs().max().item()
 
 
-def quantized_gap(base: str, adapter_dir: Path, recorded: dict, tokenizer, probe_texts: list[str],
+def quantized_gap(base: str, adapter_dir: Path, precision: BasePrecision, tokenizer, probe_texts: list[str],
                   merged_logits: torch.Tensor) -> dict:
     """For an adapter trained on a quantized base (QLoRA's 4-bit, or FP8): how far the merged
     full-precision model is from what was trained, the base quantized as the run recorded it
-    (train_config.yaml: through TRL's own get_quantization_config, or fp8_base and fp8_layers, as training did)
+    (through TRL's own get_quantization_config, or fp8_base's layers and input gradients, as training did)
     plus the adapter."""
-    from dataclasses import fields
-
     from peft import PeftModel
     from trl import ModelConfig, get_quantization_config
 
-    fp8 = bool(recorded.get("fp8_base"))
+    fp8 = precision.kind == "FP8"
     if fp8 and torch.cuda.is_available() and (problem := fp8_gemm_problem()):
         return {"not_measured": f"the FP8 base needs a Hopper GPU or newer, and {problem}"}
-    model_args = ModelConfig(**{f.name: recorded[f.name] for f in fields(ModelConfig) if f.name in recorded})
+    model_args = ModelConfig(**precision.quantization_settings())
     dtype = "bfloat16" if fp8 else model_args.dtype  # an FP8 base is quantized from bf16 weights, as training requires
     model = load_model(base, dtype, device=this_process_device(),
                        quantization_config=get_quantization_config(model_args))
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     measured = {}
     if fp8:  # as training ran it, its layers chosen as recorded (the CPU emulates FP8's GEMMs: same numbers, slowly)
-        measured["layers_in_fp8"] = quantize_frozen_base(model, recorded.get("fp8_layers"),
-                                                         recorded.get("fp8_input_grad", "fp8"))
+        measured["layers_in_fp8"] = quantize_frozen_base(model, precision.fp8_layers, precision.fp8_input_grad)
         fuse_lora(model)
     trained = logits_on(model, tokenizer, probe_texts)
     gap = (trained - merged_logits.to(trained.device)).abs()

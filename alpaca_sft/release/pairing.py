@@ -9,15 +9,11 @@ from pathlib import Path
 import torch
 
 from ..models.sources import model_fingerprint, model_problem
-from ..train.checkpoints import CHECKPOINT, is_sealed, newest_sealed
-from ..train.run_record import RunRecord
+from ..run_folder.layout import CHECKPOINT, is_sealed, newest_sealed
+from ..run_folder.record import LoraSettings, RunRecord
 
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "vocab_size")
-# adapter_config.json's fields that shape the merged weights, and the run's settings (train_config.yaml) behind them.
-ADAPTER_SETTINGS = {"r": "lora_r", "lora_alpha": "lora_alpha", "target_modules": "lora_target_modules",
-                    "use_rslora": "use_rslora", "use_dora": "use_dora", "modules_to_save": "lora_modules_to_save",
-                    "target_parameters": "lora_target_parameters"}
 
 
 class PairError(ValueError):
@@ -32,11 +28,11 @@ class Tuned:
 
     @property
     def trained_in_4bit(self) -> bool:
-        return bool(self.record.config.get("load_in_4bit"))
+        return self.record.precision is not None and self.record.precision.kind == "4-bit"
 
     @property
     def trained_in_fp8(self) -> bool:
-        return bool(self.record.config.get("fp8_base"))
+        return self.record.precision is not None and self.record.precision.kind == "FP8"
 
 
 def _config(name_or_path: str):
@@ -71,7 +67,7 @@ def inspect_pair(base: str, tuned: str | Path, allow_other_base: bool = False) -
         _adapter_as_made(tuned, adapter, record)
         recorded = adapter.base_model_name_or_path
         if not allow_other_base:
-            _same_base(base, recorded, record.summary.get("base_fingerprint"), tuned)
+            _same_base(base, recorded, record.base_fingerprint, tuned)
         return Tuned(tuned, True, record)
     if (tuned / "config.json").is_file():
         if problem := model_problem(str(tuned)):
@@ -156,24 +152,24 @@ def _adapter_as_made(tuned: Path, adapter, record: RunRecord) -> None:
     scale of 320 for 32, a rank or target list cut) is merged as edited, or fails inside PEFT after the base
     has generated. So the config must agree with the run that made it (train_config.yaml, where there is one)
     and with the adapter's own tensors."""
-    differ = _unlike_record(adapter, record.config) + _unlike_tensors(adapter, tuned / "adapter_model.safetensors")
+    differ = _unlike_record(adapter, record.lora) + _unlike_tensors(adapter, tuned / "adapter_model.safetensors")
     if differ:
         raise PairError(f"{tuned / 'adapter_config.json'} does not describe the adapter it is saved with: "
                         f"{'; '.join(differ)}. PEFT would merge the adapter as that file says, not as it was trained: "
                         "restore the adapter_config.json saved with it"
-                        + (" (the run's settings are in train_config.yaml beside it)" if record.config else ""))
+                        + (" (the run's settings are in train_config.yaml beside it)" if record.settings else ""))
 
 
 def _as_set(value):
     return {value} if isinstance(value, str) else set(value) if value is not None else None
 
 
-def _unlike_record(adapter, trained: dict) -> list[str]:
+def _unlike_record(adapter, trained: LoraSettings | None) -> list[str]:
+    if trained is None:  # no train_config.yaml: an adapter made elsewhere stands on its own config
+        return []
     differ = []
-    for key, setting in ADAPTER_SETTINGS.items():
-        if setting not in trained:  # no train_config.yaml: an adapter made elsewhere stands on its own config
-            continue
-        recorded, saved = trained[setting], getattr(adapter, key, None)
+    for key, setting in LoraSettings.SETTINGS.items():
+        recorded, saved = getattr(trained, key), getattr(adapter, key, None)
         if key == "target_modules" and _as_set(recorded) in (None, {"all-linear"}):
             continue  # PEFT chose the names and saved them: the tensors check them
         if key in ("target_modules", "modules_to_save", "target_parameters"):

@@ -11,20 +11,19 @@ settings: a change that would make it another run is refused, naming it, unless 
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import re
 from pathlib import Path
 
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from .settings import SettingsError
+from ..run_folder.layout import (TRAINER_STATE, checkpoint_name, checkpoint_step, checkpoints, is_sealed, newest_sealed,
+                                 read_seal, write_seal)
+from .settings import ScriptArguments, SettingsError
 
-SEAL = "checkpoint.json"
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # What a checkpoint needs to continue the run it came from, beside the adapter (transformers' file names).
-TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", TRAINER_STATE)
 # Settings that shape the trained adapter: a resume that changes one of them trains another run than the one
 # checkpointed. Logging, evaluation, saving and output settings may change.
 RESULT_SHAPING = (
@@ -38,30 +37,6 @@ RESULT_SHAPING = (
     "max_grad_norm", "num_train_epochs", "max_steps", "seed", "data_seed", "optim", "adam_beta1", "adam_beta2",
     "adam_epsilon",
 )
-
-
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """checkpoint-N folders, by step."""
-    folder = Path(output_dir)
-    found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
-
-
-def is_sealed(checkpoint: Path) -> bool:
-    return (Path(checkpoint) / SEAL).is_file()
-
-
-def newest_sealed(output_dir: str | Path) -> tuple[Path | None, list[Path]]:
-    """The newest sealed checkpoint, and the unsealed ones newer than it (half-written)."""
-    found = checkpoints(output_dir)
-    sealed = [p for p in found if is_sealed(p)]
-    newest = sealed[-1] if sealed else None
-    newer = [p for p in found if not is_sealed(p) and (newest is None or _step(p) > _step(newest))]
-    return newest, newer
-
-
-def _step(checkpoint: Path) -> int:
-    return int(CHECKPOINT.match(checkpoint.name).group(1))
 
 
 def _names(paths) -> str:
@@ -99,7 +74,7 @@ def set_aside_plan(output_dir: str | Path, resume_from: str | None) -> list[tupl
         return []
     moves = []
     for path in checkpoints(output_dir):
-        if _step(path) > _step(Path(resume_from)):
+        if checkpoint_step(path) > checkpoint_step(Path(resume_from)):
             suffix = ".superseded" if is_sealed(path) else ".incomplete"
             target, n = path.with_name(path.name + suffix), 1
             while target.exists():
@@ -112,8 +87,6 @@ def run_shape(script_args, training_args, model_args, world_size: int, data_fing
               validation_fingerprint: str | None) -> dict:
     """What makes this run this run: its result-shaping settings, its data (the examples trained on, and those its
     record's validation history is measured on) and its number of processes."""
-    import dataclasses
-
     settings = {**dataclasses.asdict(script_args), **dataclasses.asdict(model_args), **training_args.to_dict()}
     shaping = {k: settings[k] for k in RESULT_SHAPING if k in settings}
     return json.loads(json.dumps({"settings": shaping, "data_fingerprint": data_fingerprint,
@@ -122,10 +95,6 @@ def run_shape(script_args, training_args, model_args, world_size: int, data_fing
 
 def _project_defaults() -> dict:
     """The project's own settings' defaults (ScriptArguments), as run_shape records values."""
-    import dataclasses
-
-    from .settings import ScriptArguments
-
     defaults = {f.name: f.default for f in dataclasses.fields(ScriptArguments) if f.default is not dataclasses.MISSING}
     return json.loads(json.dumps(defaults, default=str))
 
@@ -133,7 +102,7 @@ def _project_defaults() -> dict:
 def resume_problems(checkpoint: str | Path, shape: dict) -> list[str]:
     """How resuming `checkpoint` with this run's shape would not continue the run checkpointed."""
     checkpoint = Path(checkpoint)
-    recorded = json.loads((checkpoint / SEAL).read_text())
+    recorded = read_seal(checkpoint)
     # A setting the project added after the seal was written is missing from it: that run had its default.
     before = {**_project_defaults(), **recorded["settings"]}
     problems = [f"{key}: {before.get(key)!r} in {checkpoint.name}, {value!r} now"
@@ -167,20 +136,6 @@ def check_resume(checkpoint: str | Path, shape: dict, allow_changes: bool) -> li
     return changed
 
 
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 class CheckpointSeal(TrainerCallback):
     """Seals each checkpoint once the Trainer's save of it has returned on every process."""
 
@@ -190,6 +145,6 @@ class CheckpointSeal(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every process has written its part (its RNG state, its shard)
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = Path(args.output_dir) / checkpoint_name(state.global_step)
         if state.is_world_process_zero and checkpoint.is_dir():
-            write_atomically(checkpoint / SEAL, json.dumps({"step": state.global_step, **self.shape}, indent=2))
+            write_seal(checkpoint, {"step": state.global_step, **self.shape})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,15 +20,23 @@ from ..kernels.attention import DOCUMENT_FLEX
 from ..kernels.fp8_base import fp8_gemm_problem
 from ..launch import fsdp_enabled, launched_processes
 from ..models.sources import model_problem
+from ..run_folder.layout import holds_a_run
 from .checkpoints import resume_target
 from .output_dir import folder_problem
-from .run_record import holds_a_run
 from .settings import GIVEN_IN, ScriptArguments, SettingsError, settings_error
 
 
-def check_settings(script_args, training_args, model_args) -> list[str]:
-    """Raises one SettingsError listing every problem; returns the warnings (settings that are almost surely
-    mistakes, with the number that makes them so)."""
+@dataclass
+class Checked:
+    """What the checks found besides problems: the warnings (settings that are almost surely mistakes, with the
+    number that makes them so) and the checkpoint a resume continues from (train/checkpoints.py), resolved once."""
+
+    warnings: list[str]
+    resume_from: str | None
+
+
+def check_settings(script_args, training_args, model_args) -> Checked:
+    """Raises one SettingsError listing every problem; returns the warnings and the resume target."""
     problems = []
     try:
         resume = resume_target(training_args)
@@ -45,7 +54,7 @@ def check_settings(script_args, training_args, model_args) -> list[str]:
     problems += shape_problems
     if problems:
         raise settings_error(problems)
-    return warnings + _warnings(training_args)
+    return Checked(warnings + _warnings(training_args), resume)
 
 
 def _missing(package: str) -> bool:
@@ -264,7 +273,6 @@ def apply_pipeline_settings(script_args: ScriptArguments, training_args) -> None
     """The pipeline's own defaults on top of any recipe, once the settings are checked: each fills a setting the user
     left unset, or one a later setting of the user's overrides (check_settings refused a user's value that cannot
     work, naming it)."""
-    training_args.resume_from_checkpoint = resume_target(training_args)  # "true": the newest sealed checkpoint
     if not script_args.validates:  # validation_size: 0 alone turns validation off, the recipe's evaluations with it
         training_args.eval_strategy, training_args.eval_on_start, script_args.samples_at_end = IntervalStrategy.NO, False, 0
     if training_args.hub_token:  # kept out of every saved config and log: huggingface_hub reads it from HF_TOKEN

@@ -17,7 +17,6 @@ from peft.helpers import disable_input_dtype_casting
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer, get_peft_config, get_quantization_config
 
 from ..disk import room_left, write_failure
@@ -27,17 +26,16 @@ from ..kernels.fused_lora import fuse_lora
 from ..kernels.liger import pin_liger_rope_to_triton
 from ..models.loading import load_model, set_generation_ids
 from ..models.sources import model_fingerprint
+from ..run_folder.layout import (CONFIG_FILE, SUMMARY_FILE, TRAINER_STATE, checkpoint_name, newest_sealed, record,
+                                 record_present)
 from .callbacks import EvaluateAtEnd, GracefulStop, NonFiniteGuard, ProgressLine, ThroughputRecord
-from .checkpoints import newest_sealed
-from .output_dir import record, record_present
-from .run_record import (CONFIG_FILE, SUMMARY_FILE, peak_gpu_memory_per_process, run_summary, save_resolved_config,
-                         write_json)
+from .prepare import PreparedRun
+from .run_record import peak_gpu_memory_per_process, run_summary, save_resolved_config, write_json
 from .validation import ValidatingSFTTrainer, samples_at_end, samples_text
 
 
 # The finished adapter is written here whole, checked, then moved into output_dir (save_adapter).
 STAGING = ".adapter.saving"
-TRAINER_STATE = "trainer_state.json"
 
 
 class IncompleteAdapterError(RuntimeError):
@@ -49,14 +47,14 @@ class AdapterWriteError(RuntimeError):
 
 
 class RunTrainer(ValidatingSFTTrainer):
-    """The run's trainer: each checkpoint-N is listed in output_dir's record of the run's files (train/output_dir.py)
+    """The run's trainer: each checkpoint-N is listed in output_dir's record of the run's files (run_folder/layout.py)
     before a byte of it is written, and so is the model card TRL's SFTTrainer writes into output_dir with every
     checkpoint. transformers' _save_checkpoint writes every checkpoint, whatever asked for it (a step, an epoch, a
     best metric, a stop), and SFTTrainer's override of it writes the card."""
 
     def _save_checkpoint(self, model, trial):
         if self.is_world_process_zero():
-            record(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}", "README.md")
+            record(self.args.output_dir, checkpoint_name(self.state.global_step), "README.md")
         super()._save_checkpoint(model, trial)
 
 
@@ -125,9 +123,10 @@ def _callback(trainer, kind):
     return next(c for c in trainer.callback_handler.callbacks if isinstance(c, kind))
 
 
-def train(trainer, script_args, model_args, data_report, started: float, validation=None) -> Outcome:
-    """Train, decide how it ended, save the adapter of a finished run, answer a few `validation` prompts if
+def train(trainer, run: PreparedRun, started: float) -> Outcome:
+    """Train, decide how it ended, save the adapter of a finished run, answer a few validation prompts if
     the settings ask, and write the run's record."""
+    script_args, _, model_args = run.settings
     args = trainer.args
     output_dir = Path(args.output_dir)
     main = trainer.accelerator.is_main_process
@@ -151,11 +150,12 @@ def train(trainer, script_args, model_args, data_report, started: float, validat
         except AdapterWriteError as err:
             outcome = _interrupted(output_dir, str(err), 1)
     samples = None
-    if outcome.completed and script_args.samples_at_end and validation is not None:
-        samples = samples_at_end(trainer, validation, script_args.samples_at_end, script_args.sample_max_new_tokens)
+    if outcome.completed and script_args.samples_at_end and run.validation is not None:
+        samples = samples_at_end(trainer, run.validation, script_args.samples_at_end, script_args.sample_max_new_tokens)
         if samples:
             print(samples_text(samples), flush=True)
-    outcome = _write_record(trainer, model_args, data_report, started, outcome, samples)
+    outcome = _write_record(trainer, model_args, run.report, started, outcome,
+                            samples_at_end=samples, resumed_with_changes=run.resumed_with_changes or None)
     trainer.accelerator.wait_for_everyone()
     outcome.trainer = trainer
     return outcome
@@ -183,7 +183,7 @@ def _train(trainer, output_dir: Path) -> Outcome | None:
     return broken
 
 
-def _write_record(trainer, model_args, data_report, started: float, outcome: Outcome, samples) -> Outcome:
+def _write_record(trainer, model_args, data_report, started: float, outcome: Outcome, **facts) -> Outcome:
     """trainer_state.json (the whole log history, every logged loss with its step) and run_summary.json; a disk that
     cannot take them fails the run in one message."""
     output_dir, main = outcome.output_dir, trainer.accelerator.is_main_process
@@ -201,7 +201,7 @@ def _write_record(trainer, model_args, data_report, started: float, outcome: Out
             attn_implementation=trainer.model.config._attn_implementation,
             base_model=model_args.model_name_or_path,
             base_fingerprint=model_fingerprint(model_args.model_name_or_path, model_args.model_revision),
-            samples_at_end=samples,
+            **facts,
         )
         try:
             write_json(output_dir / SUMMARY_FILE, summary)

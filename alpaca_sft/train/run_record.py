@@ -1,5 +1,5 @@
-"""What a run leaves in output_dir beside its adapter, and reading it back: train_config.yaml (every
-setting, a recipe in itself) and run_summary.json (what happened, across interruptions)."""
+"""What a run leaves in output_dir beside its adapter: train_config.yaml (every setting, a recipe in itself) and
+run_summary.json (what happened, across interruptions); run_folder/record.py reads them back."""
 
 from __future__ import annotations
 
@@ -9,23 +9,15 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoints import write_atomically
+from ..run_folder.layout import write_atomically
 
-RUN_MARKERS = ("adapter_config.json", "run_summary.json", "model.safetensors", "trainer_state.json")
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "liger-kernel", "flash-attn")
-CONFIG_FILE, SUMMARY_FILE = "train_config.yaml", "run_summary.json"
-
-
-def holds_a_run(output_dir: str | Path) -> bool:
-    path = Path(output_dir)
-    return path.is_dir() and (any((path / m).exists() for m in RUN_MARKERS) or any(path.glob("checkpoint-*")))
 
 
 def save_resolved_config(path: Path, script_args, training_args, model_args) -> None:
@@ -103,20 +95,3 @@ def write_json(path: Path, payload: dict) -> None:
         return None if isinstance(value, float) and not math.isfinite(value) else value
 
     write_atomically(path, json.dumps({k: clean(v) for k, v in payload.items()}, indent=2, default=str))
-
-
-@dataclass
-class RunRecord:
-    """A finished run's folder as release tools read it: its settings and its summary (either may
-    be missing for an adapter that was not made by train_sft.py)."""
-
-    folder: Path
-    config: dict
-    summary: dict
-
-    @classmethod
-    def read(cls, folder: str | Path) -> RunRecord:
-        folder = Path(folder)
-        config = yaml.safe_load((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
-        summary = json.loads((folder / SUMMARY_FILE).read_text()) if (folder / SUMMARY_FILE).is_file() else {}
-        return cls(folder, config or {}, summary)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench/RESULTS.md's 2026-12-06 section, on one warm H100 in back-to-back calls (a machine idle for ~30 s is given
 # back, and a new one is bare): the FP8 variants' speed on the 7B shape beside the bf16 recipe and the NaN-filter
-# lever, generation speed on the 7B shape, then on the real base the FP8 yardstick (bench/fp8_yardstick.sh) and
-# generation speed before and after tuning. Its inputs travel 54 MiB a call (the tree is ~9 of the 64), fetched here
+# lever, generation speed on the 7B shape, then on the real base the FP8 yardstick
+# (bench/sessions/2026-12-06-fp8-yardstick.sh) and generation speed before and after tuning. Its inputs travel 54 MiB a call (the tree is ~9 of the 64), fetched here
 # first: bench/speed_inputs.sh fetch (FlashAttention-4 in two halves), bench/real_base_inputs.sh fetch's wheels less
 # bitsandbytes (.whl-base: trl, datasets, dill, multiprocess, gguf, sqlglot, liger-kernel, mistral-common) and the
 # real data (build/carry), and the real base's four chunk wheels as one tar cut into .whl-g/c0 (20 MiB) ... c4:
@@ -13,7 +13,8 @@
 #   last:                                             bash bench/sessions/2026-12-06.sh collect
 # The detached work (stage lines in /tmp/s/status): the random 7B and its workload; bench/speed.py for the bf16 and
 # FP8 recipes, each FP8 variant and the NaN filter on, alone on the GPU; generation speed on the 7B shape; once
-# every chunk is in, the real base converted (CPU) and bench/fp8_yardstick.sh; generation speed on the real base.
+# every chunk is in, the real base converted (CPU) and bench/sessions/2026-12-06-fp8-yardstick.sh; generation speed on
+# the real base.
 set -uo pipefail
 S=/tmp/s; out=${OUT:-/tmp/out}; mkdir -p "$S" "$out"
 say() { echo "$(date +%T) $*" | tee -a "$S/status"; }
@@ -58,7 +59,7 @@ work)  # detached, from $S/repo
     --runs static:128 refill:128 --out "$S/gen-7b.json" > "$S/gen-7b.log" 2>&1
   say "7B generation done"; tail -5 "$S/gen-7b.log" >> "$S/status"
   until [ -f build/gemma-3-270m/conversion.json ] || grep -q "convert failed" "$S/status"; do sleep 5; done
-  W=$S/fy SPEED=$S/speed PYTHONPATH=/tmp/site:$PWD bash bench/fp8_yardstick.sh > "$S/fy.log" 2>&1
+  W=$S/fy SPEED=$S/speed PYTHONPATH=/tmp/site:$PWD bash bench/sessions/2026-12-06-fp8-yardstick.sh > "$S/fy.log" 2>&1
   say "yardstick done"; tail -14 "$S/fy/status" >> "$S/status"
   held_out=(data/heldout_alpaca.jsonl data/heldout_sql.jsonl data/eval_prompts.jsonl)
   PYTHONPATH=/tmp/site:$PWD python bench/generation_speed.py --base build/gemma-3-270m --tuned "$S/fy/runs/bf16-seed42" \

@@ -2,8 +2,8 @@
 # The speed benchmark on the GPU machine, in one call: builds the random-weight Mistral-7B and the
 # synthetic Alpaca workload, runs bench/speed.py (the shipped recipes through train_sft.py, and TRL's
 # defaults) and then bench/step_breakdown.py (levers and a profile of one micro-batch).
-#   bash bench/device_speed.sh        (run from the repository root; writes to $OUT)
-#   CONFIGS="lora-recipe lora-sdpa" BREAKDOWN=no bash bench/device_speed.sh     (some of speed.py's configs only)
+#   bash bench/sessions/2026-11-25-speed.sh        (run from the repository root; writes to $OUT)
+#   CONFIGS="lora-recipe lora-sdpa" BREAKDOWN=no bash bench/sessions/2026-11-25-speed.sh     (some of speed.py's configs only)
 #   TIMEOUT=300 ...                                                          (seconds per run; default 150)
 set -uo pipefail
 out=${OUT:-/tmp/out}; work=/tmp/smoke; mkdir -p "$out" "$work"

@@ -7,7 +7,7 @@
 # adapter's validation loss on the bf16 base; one table of differences in seed spreads ($W/out/fp8-yardstick.md
 # and .json). Run from the repository root once bench/real_base_inputs.sh's calls 1-5 brought the inputs,
 # detached, so that one call starts it and later calls read $W/status (about 10 minutes on an H100):
-#   bash bench/real_base_inputs.sh check && setsid nohup bash bench/fp8_yardstick.sh > /tmp/fy.log 2>&1 < /dev/null &
+#   bash bench/real_base_inputs.sh check && setsid nohup bash bench/sessions/2026-12-06-fp8-yardstick.sh > /tmp/fy.log 2>&1 < /dev/null &
 #   cat /tmp/fy/status                       # until "all done"; then: cp -r /tmp/fy/out $OUT/fy
 # The 7B shape's tokens/s of the same variants (bench/speed.py), after bench/speed_inputs.sh's two calls put
 # FlashAttention-4 on the machine (without them: carry .whl-speed, install it, use `noenv`):
@@ -20,7 +20,7 @@
 # A rehearsal on a CPU with the tiny model (the bf16 runs only: FP8 trains on Hopper alone), ~10 minutes:
 #   BASE=build/tiny-mistral RUNS="bf16-seed42 bf16-seed43" FLAGS="--max_steps 3 --bf16 false --use_cpu true \
 #     --dtype float32 --validation_size 4 --max_length 512 --max_train_rows 300" MAX_NEW_TOKENS=16 \
-#     W=/tmp/fy-rehearsal bash bench/fp8_yardstick.sh
+#     W=/tmp/fy-rehearsal bash bench/sessions/2026-12-06-fp8-yardstick.sh
 set -uo pipefail
 W=${W:-/tmp/fy}; mkdir -p "$W/out" "$W/runs" "$W/cmp"
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -3,7 +3,7 @@
 # Alpaca records (and text-to-SQL rows) and judged on the held-out rows of data/. Run from the repository root
 # once the wheels and data are in place (bench/real_base_inputs.sh); it runs detached (setsid), so that one call
 # starts it and later calls read $W/status:
-#   setsid nohup bash bench/real_base.sh > /tmp/rb.log 2>&1 < /dev/null &
+#   setsid nohup bash bench/sessions/2026-12-01-real-base.sh > /tmp/rb.log 2>&1 < /dev/null &
 # Stages, in order; the runs of a stage share the GPU (a 270M model leaves most of an H200 idle):
 #   convert   tools/base_from_gguf.py: build/gemma-3-270m
 #   packing   the base's validation loss and stop metric, packed rows vs one example per row
@@ -12,10 +12,11 @@
 #             the first-step LoRA gradients of each base against fp32 (bench/fp8_numerics.py)
 #   eval      eval_compare.py, base beside tuned, on the held-out prompts, for every run
 #   losses    per-step losses of the FP8 and NF4 runs against the bf16 run
-#   generation  generation speed, before and after, on the held-out prompts
+#   generation  generation speed on the held-out prompts (bench/generation_speed.py; the section's table set it beside
+#             eval_compare.py's generation before then, which is gone)
 # A rehearsal on a CPU with the tiny model (every stage but FP8, which needs Hopper), minutes instead of a lease:
 #   BASE=build/tiny-mistral RUNS="bf16 nf4 lr5e-4 sql" FLAGS="--max_steps 3 --bf16 false --use_cpu true --dtype float32 \
-#     --validation_size 4 --max_length 512" MAX_NEW_TOKENS=16 W=/tmp/rehearsal bash bench/real_base.sh
+#     --validation_size 4 --max_length 512" MAX_NEW_TOKENS=16 W=/tmp/rehearsal bash bench/sessions/2026-12-01-real-base.sh
 set -uo pipefail
 W=${W:-/tmp/rb}; mkdir -p "$W/out" "$W/runs" "$W/cmp"
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -67,8 +68,8 @@ for name in "${runs[@]}"; do compare "$name" & done
 wait
 compared=(); for name in bf16 fp8 nf4; do [ -d "$W/runs/$name" ] && compared+=("$W/runs/$name"); done
 run losses python bench/real_base.py losses --runs "${compared[@]}" --out "$W/out/losses.json"
-run generation python bench/real_base.py generation --base "$base" --tuned "$W/runs/bf16" --prompts "${prompts[@]}" \
-  --max_new_tokens "${MAX_NEW_TOKENS:-256}" --out "$W/out/generation.json"
+run generation python bench/generation_speed.py --base "$base" --tuned "$W/runs/bf16" --prompts "${prompts[@]}" \
+  --max_new_tokens "${MAX_NEW_TOKENS:-256}" --runs static:128 --out "$W/out/generation.json"
 tar -C "$W" -czf "$W/out/logs.tar.gz" --exclude="*.safetensors" --exclude="*.pt" --exclude="*.pth" \
   --exclude="tokenizer.json" --exclude="checkpoint-*" --exclude="merged" status runs cmp $(cd "$W" && ls *.log)
 say "all done"

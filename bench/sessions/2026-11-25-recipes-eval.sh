@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: train the two shipped recipes as they are for a few optimizer steps on random
 # Mistral-7B weights, then run eval_compare.py on each adapter (merge, compare, report timing).
-#   bash bench/device_eval.sh train     # builds /tmp/dev/{mistral-7b,alpaca.jsonl} if absent, trains
-#   bash bench/device_eval.sh eval      # needs the adapters from "train"; writes to $OUT
+#   bash bench/sessions/2026-11-25-recipes-eval.sh train     # builds /tmp/dev/{mistral-7b,alpaca.jsonl} if absent, trains
+#   bash bench/sessions/2026-11-25-recipes-eval.sh eval      # needs the adapters from "train"; writes to $OUT
 set -uo pipefail
 out=${OUT:-/tmp/out}; work=/tmp/dev; mkdir -p "$out" "$work"
 case "$1" in

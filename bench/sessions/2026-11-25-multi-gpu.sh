@@ -3,7 +3,7 @@
 # synthetic workload of bench/workload.py. Every run is train_sft.py with a shipped recipe and a shipped
 # accelerate config; its run_summary.json and trainer_state.json go to $OUT/multi_gpu/<run>/, and
 # bench/multi_gpu_report.py turns them into the tables of bench/RESULTS.md.
-#   bash bench/multi_gpu.sh scaling fsdp-lora fsdp-qlora checkpointing epoch   (any of the phases)
+#   bash bench/sessions/2026-11-25-multi-gpu.sh scaling fsdp-lora fsdp-qlora checkpointing epoch   (any of the phases)
 # scaling:    one GPU vs DDP on all GPUs, LoRA and QLoRA recipes (RECIPES="lora lora-fp8" for others), at the same global batch
 # fsdp-lora:  FSDP with the LoRA recipe: train, save, resume, merge with eval_compare.py
 # fsdp-qlora: FSDP+QLoRA (4-bit weights stored as bf16), the same

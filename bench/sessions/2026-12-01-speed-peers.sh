@@ -2,18 +2,18 @@
 # The speed comparison of bench/RESULTS.md's 2026-12-01 section, in three back-to-back calls to one warm GPU
 # machine (a machine idle for ~30 s is given back, and a new one is bare), each carrying its part of the packages
 # (bench/speed_inputs.sh, bench/unsloth_inputs.sh: fetched here first) and writing to $OUT:
-#   1. carry .whl-speed .whl-fa4/part1            bash bench/speed_session.sh 1
+#   1. carry .whl-speed .whl-fa4/part1            bash bench/sessions/2026-12-01-speed-peers.sh 1
 #      packages; the 7B and the workload; TRL's defaults, tuned TRL and the LoRA recipe without FlashAttention-4
-#   2. carry .whl-fa4/part2 .whl-unsloth/part1    bash bench/speed_session.sh 2
+#   2. carry .whl-fa4/part2 .whl-unsloth/part1    bash bench/sessions/2026-12-01-speed-peers.sh 2
 #      FA4 on the path: tuned TRL with FA4, the LoRA and FP8 recipes; the LoRA micro-batch with and without
 #      shared-input groups, and FP8's with fast accumulation in its input-gradient GEMM (bench/step_breakdown.py)
-#   3. carry .whl-unsloth/part2                   bash bench/speed_session.sh 3
+#   3. carry .whl-unsloth/part2                   bash bench/sessions/2026-12-01-speed-peers.sh 3
 #      Unsloth; where whole LoRA steps leave the GPU idle (bench/step_gaps.py)
 # Then, after the changes those called for (no per-micro-batch loss test, the NaN guard read a step late, fast
 # accumulation in FP8's input-gradient GEMM), on a second machine:
-#   4. carry .whl-speed .whl-fa4/part1            bash bench/speed_session.sh 4
+#   4. carry .whl-speed .whl-fa4/part1            bash bench/sessions/2026-12-01-speed-peers.sh 4
 #      packages, the 7B; FP8 vs bf16 per-step losses over 50 steps (bench/fp8_numerics.py)
-#   5. carry .whl-fa4/part2                       bash bench/speed_session.sh 5
+#   5. carry .whl-fa4/part2                       bash bench/sessions/2026-12-01-speed-peers.sh 5
 #      tuned TRL without FA4 on the path; with it, the LoRA recipe with and without transformers' per-micro-batch
 #      loss test, the FP8 recipe; the whole-step gaps again
 set -uo pipefail
