@@ -26,7 +26,7 @@ from alpaca_sft.eval.comparison_dir import ComparisonDir, ComparisonDirError, In
 from alpaca_sft.eval.prompts import ContextError, PromptFileError, check_lengths, read_prompt_files
 from alpaca_sft.eval.report import model_names, report_texts, side_by_side, tables
 from alpaca_sft.eval.scoring import paired_tests, score
-from alpaca_sft.models.generation import generate
+from alpaca_sft.models.generation import BATCHINGS, generate
 from alpaca_sft.models.loading import load_model, this_process_device
 from alpaca_sft.models.tokenizer import TokenizerError, load_tokenizer
 from alpaca_sft.release.card import model_card
@@ -50,6 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=512,
                         help="prompts generated at once, in batches of similar length; one that runs out of GPU memory "
                              "is split (bench/RESULTS.md: prompts per second by batch size)")
+    parser.add_argument("--batching", choices=BATCHINGS, default="static",
+                        help="how prompts share the GPU (alpaca_sft/models/generation.py): static batches; refill; "
+                             "compiled (static batches, the decoding step compiled with CUDA graphs on a GPU)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--allow_other_base", action="store_true", help="merge an adapter into a base it was not trained on")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the merged model, tokenizer and card (one --tuned)")
@@ -137,7 +140,8 @@ def generate_all(args, prompts, runs: dict, tokenizers: dict, folder: Comparison
     texts, first = [p.prompt for p in prompts], next(iter(runs))
     print(f"base model {args.base}: generating for {len(prompts)} prompts")
     model = load_model(args.base, dtype, device=device).eval()
-    generations = {"base": generate(model, tokenizers[first], texts, args.max_new_tokens, args.batch_size)}
+    generations = {"base": generate(model, tokenizers[first], texts, args.max_new_tokens, args.batch_size,
+                                    args.batching)}
     models, staged = {"base": {"path": args.base}}, {}
     for name, run in runs.items():
         if run.is_adapter:
@@ -149,7 +153,7 @@ def generate_all(args, prompts, runs: dict, tokenizers: dict, folder: Comparison
             model = None  # the base, freed before another model loads
             model, models[name] = load_model(str(run.path), dtype, device=device).eval(), {"path": str(run.path)}
         print(f"{name}: generating for {len(prompts)} prompts")
-        generations[name] = generate(model, tokenizers[name], texts, args.max_new_tokens, args.batch_size)
+        generations[name] = generate(model, tokenizers[name], texts, args.max_new_tokens, args.batch_size, args.batching)
         model = None
     return generations, models, staged
 
@@ -181,7 +185,8 @@ def main(args) -> dict:
     if warning := check_lengths(prompts, next(iter(tokenizers.values())), context_of(args.base), args.max_new_tokens):
         print(warning)
     meta = {"base": args.base, "tuned": [str(run.path) for run in runs.values()], "prompts": " ".join(args.prompts),
-            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "dtype": dtype, "device": device}
+            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "batching": args.batching, "dtype": dtype,
+            "device": device}
 
     with ComparisonDir(output_dir, args.command) as folder:
         if folder.removed:

@@ -3,9 +3,11 @@
     python bench/generation_speed.py --base build/gemma-3-270m --tuned runs/gemma-3-270m-alpaca-sql --out gen.json
     python tools/random_model.py /tmp/mistral-7b --size 7b
     python bench/generation_speed.py --base /tmp/mistral-7b --limit 256 --runs static:128 refill:128 --out gen-7b.json
+    python bench/generation_speed.py --base build/gemma-3-270m --runs static:512 compiled:512 --out gen-compiled.json
 
 A run is BATCHING:BATCH_SIZE, BATCHING one of models/generation.py's ("static": batches of similar length, each
-until its longest answer ends, the way before; "refill": rows leave when done and waiting prompts take their place),
+until its longest answer ends, the way before; "refill": rows leave when done and waiting prompts take their place;
+"compiled": static batches on a static cache, the decoding step compiled by transformers, CUDA graphs on a GPU),
 "static-grouped" (static batches whose decoding steps read each key/value head once, kernels/grouped_decode.py, as
 refill's do: the two levers apart) or "continuous" (transformers' own continuous batching, model.generate_batch, at
 most BATCH_SIZE requests a step: the other candidate, models/generation.py's docstring says why it is not the
@@ -18,6 +20,9 @@ no answer ever stops, is slow).
 For each model and run: prompts per second (prompts / the run's generation wall time), new tokens per second, peak
 GPU memory, answers identical to the reference run's, the share that stopped by EOS, mean new tokens, and the
 forward passes and rows they computed. Prints a table at the end; writes everything to --out as JSON.
+A compiled run's rates are steady ones: the same prompts run through it once before, its first batch compiling the
+decoding step; that first run's seconds (compile included) are its "first_run" (the table's "1st run s"), and
+1st run s - seconds is about what compiling cost.
 A rehearsal on the CPU: --base build/tiny-mistral --tuned <a tiny adapter> --limit 8 --max_new_tokens 16.
 """
 
@@ -120,12 +125,21 @@ def timed_run(model, tokenizer, prompts: list[str], max_new_tokens: int, batchin
 
 
 def measure(name: str, model, tokenizer, prompts: list[str], args) -> dict:
-    """Every run on one model, after a short warm-up of each (CUDA context, kernels, the first allocations)."""
+    """Every run on one model, after a short warm-up of each (CUDA context, kernels, the first allocations). A compiled
+    run is warmed up by a whole run instead: a short one would compile shapes (batch, cache length) the run never
+    meets, and its run would compile again."""
     for batching, batch_size in args.runs:
-        timed_run(model, tokenizer, prompts[:4], 4, batching, batch_size)
+        if batching != "compiled":
+            timed_run(model, tokenizer, prompts[:4], 4, batching, batch_size)
     runs, reference = {}, None
     for batching, batch_size in args.runs:
+        first = (timed_run(model, tokenizer, prompts, args.max_new_tokens, batching, batch_size)
+                 if batching == "compiled" else None)
         result = timed_run(model, tokenizer, prompts, args.max_new_tokens, batching, batch_size)
+        if first:
+            result["first_run"] = {"seconds": first["seconds"], "prompts_per_second": first["prompts_per_second"],
+                                   "identical_to_this_run": sum(a == b for a, b in zip(first.pop("texts"),
+                                                                                         result["texts"])) / len(prompts)}
         texts = result.pop("texts")
         reference = reference or (f"{batching}:{batch_size}", texts, result["seconds"])
         result["identical_to_reference"] = sum(a == b for a, b in zip(texts, reference[1])) / len(texts)
@@ -147,14 +161,15 @@ def load_tuned(args, dtype: str, device: str):
 
 
 def table(results: dict) -> str:
-    lines = ["| model | run | prompts/s | new tokens/s | speed-up | peak GiB | identical | EOS | mean new | forwards |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | run | prompts/s | new tokens/s | speed-up | peak GiB | identical | EOS | mean new | forwards | "
+             "1st run s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, measured in results["models"].items():
         for run, r in measured["runs"].items():
             peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+            first = f"{r['first_run']['seconds']:.1f}" if "first_run" in r else "-"
             lines.append(f"| {name} | {run} | {r['prompts_per_second']:.2f} | {r['new_tokens_per_second']:,.0f} | "
                          f"{r['speedup']:.2f}x | {peak} | {r['identical_to_reference']:.1%} | "
-                         f"{r['stopped_by_eos']:.1%} | {r['mean_new_tokens']:.1f} | {r['forward_passes']} |")
+                         f"{r['stopped_by_eos']:.1%} | {r['mean_new_tokens']:.1f} | {r['forward_passes']} | {first} |")
     return "\n".join(lines)
 
 

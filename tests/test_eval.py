@@ -103,13 +103,16 @@ def test_compare_shows_the_tuned_model_answering_and_stopping(tiny_model_dir, ad
 
 
 def test_compare_accepts_an_already_merged_model(tiny_model_dir, adapter_dir, prompt_file, tmp_path):
+    # the second run also batches another way (--batching compiled: uncompiled on a CPU), to the same answers
     run_eval("--base", tiny_model_dir, "--tuned", adapter_dir, "--prompts", prompt_file, "--output_dir", tmp_path / "a",
              "--max_new_tokens", 8)
     scores = run_eval("--base", tiny_model_dir, "--tuned", tmp_path / "a" / "merged", "--prompts", prompt_file,
-                      "--output_dir", tmp_path / "b", "--max_new_tokens", 8)
-    first = json.loads((tmp_path / "a" / "comparison.json").read_text())["prompts"]
-    second = json.loads((tmp_path / "b" / "comparison.json").read_text())["prompts"]
-    assert [p["run"]["text"] for p in first] == [p["merged"]["text"] for p in second]
+                      "--output_dir", tmp_path / "b", "--max_new_tokens", 8, "--batching", "compiled")
+    first = json.loads((tmp_path / "a" / "comparison.json").read_text())
+    second = json.loads((tmp_path / "b" / "comparison.json").read_text())
+    assert [p["run"]["text"] for p in first["prompts"]] == [p["merged"]["text"] for p in second["prompts"]]
+    assert [p["base"]["text"] for p in first["prompts"]] == [p["base"]["text"] for p in second["prompts"]]
+    assert (first["meta"]["batching"], second["meta"]["batching"]) == ("static", "compiled")
     assert scores["merged"]["prompts"] == 4
 
 

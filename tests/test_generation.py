@@ -1,5 +1,6 @@
 """models/generation.py: batched greedy answers are those of one prompt at a time (fp32), whichever the batching;
-rows that are done stop costing; a batch that runs out of memory is split and goes on. kernels/grouped_decode.py."""
+rows that are done stop costing; a batch that runs out of memory is split and goes on; the compiled decoding step is
+one graph per batch size, which CUDA graphs can replay step after step. kernels/grouped_decode.py."""
 
 import collections
 
@@ -87,10 +88,11 @@ def sliding(tokenizer):
     return model, EosAt(tokenizer, eos), prompts, answers
 
 
-@pytest.mark.parametrize("batching", ["refill", "static"])
-def test_batched_answers_are_those_of_one_prompt_at_a_time(tuned, batching):
+@pytest.mark.parametrize("batching", ["compiled", "refill", "static"])
+def test_batched_answers_are_those_of_one_prompt_at_a_time(tuned, batching, capsys):
     # generate() reorders the prompts by length and batches them: in fp32 the greedy answers, and the order they
     # come back in, are those of one prompt at a time; the caller's tokenizer and model are left as they were.
+    # "compiled" on a CPU: transformers does not compile there, and that is said once.
     model, tokenizer = tuned
     prompts = [render_prompt(r["instruction"], r["input"]) for r in THREE]
     prompts += [p.prompt for p in read_prompts(REPO / "data" / "eval_prompts.jsonl")][:5]
@@ -103,6 +105,7 @@ def test_batched_answers_are_those_of_one_prompt_at_a_time(tuned, batching):
     assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 3  # lengths differ: the batches were padded
     assert tokenizer.padding_side == side and model.config._attn_implementation == "sdpa"
     assert all(g.seconds > 0 for g in together)
+    assert capsys.readouterr().out.count("did not compile") == (batching == "compiled")
 
 
 def test_sliding_window_layers_answer_as_one_prompt_at_a_time_and_done_rows_stop_costing(sliding):
@@ -113,12 +116,14 @@ def test_sliding_window_layers_answer_as_one_prompt_at_a_time_and_done_rows_stop
     assert 2 <= sum(stop == "eos" for _, stop, _ in expected) < len(prompts)
     static, static_rows = counting_rows(model, tokenizer, prompts, 12, batch_size=3, batching="static")
     refill, refill_rows = counting_rows(model, tokenizer, prompts, 12, batch_size=3, batching="refill")
+    compiled = generate(model, tokenizer, prompts, 12, batch_size=3, batching="compiled")
     assert [(g.text, g.stop, g.new_tokens) for g in refill] == expected
     assert [(g.text, g.stop, g.new_tokens) for g in static] == expected
+    assert [(g.text, g.stop, g.new_tokens) for g in compiled] == expected
     assert refill_rows < static_rows
 
 
-@pytest.mark.parametrize("batching", ["refill", "static"])
+@pytest.mark.parametrize("batching", ["compiled", "refill", "static"])
 def test_a_batch_out_of_memory_is_split_and_goes_on(sliding, batching, capsys):
     model, tokenizer, prompts, answers = sliding
     prompts, rows = prompts[:6], []
@@ -137,6 +142,38 @@ def test_a_batch_out_of_memory_is_split_and_goes_on(sliding, batching, capsys):
     assert [(g.text, g.stop, g.new_tokens) for g in together] == expected
     assert capsys.readouterr().out.count("ran out of GPU memory") == 1
     assert rows[0] == 6 and max(rows[1:]) < 6 and max(rows[-5:]) <= 2  # halved until it fits, and stays there
+
+
+def test_the_compiled_decoding_step_is_one_graph_replayed_every_step_and_every_batch(sliding, capsys):
+    # torch.compile as transformers calls it, with a backend that records each graph and each call instead of
+    # inductor (CPU; transformers compiles there only when told to). An int input to the step (a count of tokens) would
+    # make CUDA graphs record a new graph every step, and a recompile for the second batch (a new cache) another.
+    from transformers import CompileConfig
+
+    model, tokenizer, prompts, answers = sliding
+    graphs, int_inputs = [], []
+
+    def recording_backend(graph, example_inputs):
+        graphs.append(graph)
+
+        def run(*inputs):
+            int_inputs.append(tuple(i for i in inputs if not isinstance(i, torch.Tensor)))
+            return graph.forward(*inputs)
+        return run
+
+    config = CompileConfig(backend=recording_backend, mode=None)
+    config._compile_all_devices = True  # transformers' own switch for compiling on a CPU (its tests use it)
+    model.generation_config.compile_config = config
+    try:
+        compiled = generate(model, tokenizer, prompts, 12, batch_size=4, batching="compiled")  # two batches of 4
+    finally:
+        model.generation_config.compile_config = None
+        del model._compiled_call  # the fixture's model decodes uncompiled again
+    assert [(g.text, g.stop, g.new_tokens) for g in compiled] == [as_generated(tokenizer, a, tokenizer.eos_token_id)
+                                                                  for a in answers]
+    assert len(graphs) == 1 and len(int_inputs) == 2 * 11  # every decoding step of both batches ran the one graph
+    assert set(int_inputs) == {()}
+    assert "did not compile" not in capsys.readouterr().out
 
 
 def test_a_single_prompt_out_of_memory_is_raised(sliding):

@@ -4,7 +4,7 @@ comparison.json.
 
 comparison.json (what a bench script builds its tables from):
     meta: the run: base, tuned (the --tuned folders, in order), prompts (the files), max_new_tokens,
-        batch_size, dtype, device.
+        batch_size, batching, dtype, device.
     models: per model name ("base", then each tuned model by its folder name, made unique): path, and for a
         merged adapter merged_to, merge_max_abs_logit_diff, merge_and_save_seconds and, for a 4-bit or FP8
         trained one, qlora_gap or fp8_gap.

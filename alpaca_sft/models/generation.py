@@ -1,7 +1,7 @@
 """Greedy answers to many prompts, batched, each recording whether it stopped by EOS.
 
-Used after training (train/validation.py's samples), by eval_compare.py and bench/generation_speed.py. Two ways to
-batch (`batching`), both through transformers' generate and with the same answers (in fp32, those of one prompt at a
+Used after training (train/validation.py's samples), by eval_compare.py and bench/generation_speed.py. Three ways to
+batch (`batching`), all through transformers' generate and with the same answers (in fp32, those of one prompt at a
 time; tests/test_generation.py):
 
 - "static" (the default): batches of similar length, each generated until its longest answer ends.
@@ -10,15 +10,21 @@ time; tests/test_generation.py):
   they are run through the model into a cache of their own, laid beside the running one, both left-padded to one
   length. A few answers that loop to the token limit then hold a row each, not a whole batch each. Its decoding
   steps read each key/value head of the cache once, not once per query head (kernels/grouped_decode.py).
+- "compiled": static batches as "static", each on a static cache, so that generate compiles its decoding step
+  (transformers' automatic compile: torch.compile's "reduce-overhead" mode, CUDA graphs) and a step costs one graph
+  launch instead of hundreds of kernel launches. Only on devices transformers compiles for (GPUs); elsewhere it
+  decodes uncompiled on the static cache, said once. Its first batch also compiles the step (bench/generation_speed.py
+  times that apart); _CompiledDecoding says what compiles again.
 
 Measured on an H100 (bench/RESULTS.md, 2026-12-06; bench/generation_speed.py), 414 held-out prompts, 512 new tokens:
 on the real Gemma-3-270m, where every prompt fits one batch of 512, refill ran at 0.37x static's prompts per second
 for the tuned model and 0.92x for the base (same number of forward passes: its rounds cost more than the rows they
 drop, on a model this small whose steps are host-bound); on the random-weight 7B shape (128 prompts, none stops)
 refill ran 1.48x static at a batch of 128, which grouped decoding alone may explain (not measured apart there). So
-static stays the default, and refill is kept to measure on larger models.
+static stays the default, and refill is kept to measure on larger models. A real base's steps being host-bound (24 ms
+for 414 rows, where its GPU work is a few ms) is what "compiled" is for; it stays an option until measured there.
 
-Either way the longest prompts go first (less padding) and the answers come back in the prompts' order; a batch
+Every way, the longest prompts go first (less padding) and the answers come back in the prompts' order; a batch
 that runs out of GPU memory is split and goes on, said once.
 
 transformers' own continuous batching (`generate_batch`) was the other candidate: without a flash-attention package
@@ -35,12 +41,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers import DynamicCache, StaticCache, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import (Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer,
+                                      StaticSlidingWindowLayer)
 
 from ..kernels.grouped_decode import grouped_decoding
 
-BATCHINGS = ("refill", "static")
+BATCHINGS = ("compiled", "refill", "static")
 # A round ends once this share of its rows is done: each round costs a generate() call, a prefill of the joining
 # prompts and a copy of the cache (about one decoding step), and rows that finished early in it wait for its end.
 ROUND_END_SHARE = 1 / 8
@@ -69,6 +76,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         if batching == "refill" and _cache_can_be_refilled(model.config):
             with grouped_decoding(model):
                 _refill(model, tokenizer, rows, max_new_tokens, batch_size, note)
+        elif batching == "compiled":
+            # grouped: under compile, transformers' sdpa copies each key/value head for every query head sharing it
+            # (5.25 groups the heads only when not compiling; 5.17 never does)
+            with grouped_decoding(model):
+                _static(model, tokenizer, rows, max_new_tokens, batch_size, note, _CompiledDecoding(model, rows,
+                                                                                                    max_new_tokens))
         else:
             _static(model, tokenizer, rows, max_new_tokens, batch_size, note)
     return [row.generation(tokenizer) for row in sorted(rows, key=lambda row: row.index)]
@@ -125,7 +138,8 @@ def _left_padded(sequences: list[list[int]], pad: int, device) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
-def _static(model, tokenizer, rows: list[_Row], max_new_tokens: int, batch_size: int, note: _OutOfMemoryNote) -> None:
+def _static(model, tokenizer, rows: list[_Row], max_new_tokens: int, batch_size: int, note: _OutOfMemoryNote,
+            compiled: _CompiledDecoding | None = None) -> None:
     waiting, size, eos, pad = deque(rows), batch_size, tokenizer.eos_token_id, tokenizer.pad_token_id
     while waiting:
         batch = [waiting.popleft() for _ in range(min(size, len(waiting)))]
@@ -133,7 +147,8 @@ def _static(model, tokenizer, rows: list[_Row], max_new_tokens: int, batch_size:
         began = time.perf_counter()
         try:
             output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                    eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1] :].tolist()
+                                    eos_token_id=eos, pad_token_id=pad, **(compiled.arguments() if compiled else {})
+                                    )[:, ids.shape[1] :].tolist()
         except torch.OutOfMemoryError:
             if len(batch) == 1:
                 raise
@@ -147,6 +162,52 @@ def _static(model, tokenizer, rows: list[_Row], max_new_tokens: int, batch_size:
             continue
         for row, tokens in zip(batch, output):
             row.take(tokens, eos, max_new_tokens)
+        if compiled:
+            compiled.say_once_if_not_compiled()
+
+
+class _CompiledDecoding:
+    """What makes generate() compile its decoding step: a static cache for each batch, as long as the longest prompt
+    of the whole call plus max_new_tokens, so that every batch of one call has the same shapes.
+
+    The step compiles on the first batch and again (once each) for a batch of another size (the last one, or after
+    running out of memory) and for another cache length (another generate() call with longer prompts or more new
+    tokens); a batch of the same shapes replays the CUDA graph recorded for it.
+
+    Sliding-window layers get a full static layer each, their window applied by the attention mask alone (the same
+    keys attended, so the same answers). transformers' own static sliding-window layer counts the tokens it has seen
+    in a Python int, which the compiled step then takes as an input, and torch records a CUDA graph for each value an
+    int input takes (torch/_inductor/cudagraph_trees.py): a new graph every step, none replayed. The price, where the
+    cache is longer than the window (Gemma 3's 512): those layers read the whole cache, not just their window."""
+
+    def __init__(self, model, rows: list[_Row], max_new_tokens: int):
+        self.model, self.length = model, max((len(row.prompt) for row in rows), default=0) + max_new_tokens
+        self.keyword, self.checked = _cache_keyword(model), False
+
+    def arguments(self) -> dict:
+        layers = [StaticLayer(max_cache_len=self.length) if type(layer) is StaticSlidingWindowLayer else layer
+                  for layer in StaticCache(config=self.model.config, max_cache_len=self.length).layers]
+        # cache_implementation=None: a model whose generation config names one refuses a cache handed to it
+        return {"cache_implementation": None, self.keyword: Cache(layers=layers)}
+
+    def say_once_if_not_compiled(self) -> None:
+        """transformers compiles only where its criteria allow (a GPU, not offloaded, not disabled in the generation
+        config: GenerationMixin._valid_auto_compile_criteria), and keeps the compiled call on the model."""
+        if self.checked:
+            return
+        self.checked = True
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if getattr(inner, "_compiled_call", None) is None:
+            print(f"batching='compiled': transformers did not compile the decoding step on {_device(self.model)}: "
+                  "the static cache decodes uncompiled, the same answers as 'static' and no faster (said once)",
+                  flush=True)
+
+
+def _cache_keyword(model) -> str:
+    """transformers 5.25 renamed generate's and forward's past_key_values to cache (the old name still works, with a
+    warning); 5.17 knows only past_key_values."""
+    forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _refill(model, tokenizer, rows: list[_Row], max_new_tokens: int, batch_size: int, note: _OutOfMemoryNote) -> None:
@@ -188,10 +249,7 @@ class _Pool:
 
     def __init__(self, model, tokenizer):
         self.model, self.eos, self.pad = model, tokenizer.eos_token_id, tokenizer.pad_token_id
-        # transformers 5.25 renamed past_key_values to cache (the old name still works, with a warning); 5.17 knows
-        # only past_key_values
-        forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
-        self.cache_keyword = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        self.cache_keyword = _cache_keyword(model)
         self.clear()
 
     def clear(self) -> None:
