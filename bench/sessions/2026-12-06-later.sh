@@ -6,10 +6,9 @@
 # the 7B shape and on the real base before and after tuning. The inputs are those of bench/sessions/2026-12-06.sh
 # (its header says how each is fetched here) and the bf16 seed-42 adapter that session trained, in
 # build/adapter-bf16-s42:
-#   1. carry .whl-base build/carry .whl-fa4/part1 build/adapter-bf16-s42
-#                                                     bash bench/sessions/2026-12-06-later.sh 1  (tests; starts the work)
-#   2. carry .whl-fa4/part2 .whl-g/c0                 bash bench/sessions/2026-12-06-later.sh 2
-#   3-6. carry .whl-g/cN (N = 1..4)                   bash bench/sessions/2026-12-06-later.sh chunk N
+#   1. carry .whl-base build/carry .whl-fa4/part1    bash bench/sessions/2026-12-06-later.sh 1  (tests; starts the work)
+#   2. carry .whl-fa4/part2 build/adapter-bf16-s42    bash bench/sessions/2026-12-06-later.sh 2
+#   3-7. carry .whl-g/cN (N = 0..4)                   bash bench/sessions/2026-12-06-later.sh chunk N
 #   then, until its status says "all done":           bash bench/sessions/2026-12-06-later.sh wait SECONDS
 #   last:                                             bash bench/sessions/2026-12-06-later.sh collect
 set -uo pipefail
@@ -31,8 +30,9 @@ case "$1" in
     tests/test_fused_lora.py tests/test_generation.py 2>&1 | tail -6 | tee "$S/gpu-tests.txt"
   tail -3 "$S/status" ;;
 2)
+  mkdir -p "$S/repo/build" && cp -r build/adapter-bf16-s42 "$S/repo/build/"
   bash bench/speed_inputs.sh fa4 .whl-fa4/part2 && touch "$S/fa4-ready"
-  cp .whl-g/c0/* "$S/gemma/"; tail -3 "$S/status" ;;
+  tail -3 "$S/status" ;;
 chunk)
   cp .whl-g/c"$2"/* "$S/gemma/"
   if [ "$(ls "$S/gemma" | wc -l)" -eq 5 ]; then  # all in: unpacked, installed, converted (CPU) beside the GPU work
