@@ -1,37 +1,30 @@
 #!/usr/bin/env bash
-# bench/RESULTS.md's "2026-12-06 (later session)" section, on one warm H100 in back-to-back calls (a machine idle
-# for ~30 s is given back, and a new one is bare): the merged tree's GPU-only tests; the bf16 and FP8 recipes' speed
-# on the 7B shape after the shared-input cache moved into kernels/shared_input.py (against 17,293 and 23,168 tokens/s
-# that morning); generation with a static cache and a compiled decoding step ("compiled") beside static batches, on
-# the 7B shape and on the real base before and after tuning. The inputs are those of bench/sessions/2026-12-06.sh
-# (its header says how each is fetched here) and the bf16 seed-42 adapter that session trained, in
-# build/adapter-bf16-s42:
-#   1. carry .whl-base build/carry .whl-fa4/part1    bash bench/sessions/2026-12-06-later.sh 1  (tests; starts the work)
-#   2. carry .whl-fa4/part2 build/adapter-bf16-s42    bash bench/sessions/2026-12-06-later.sh 2
-#   3-7. carry .whl-g/cN (N = 0..4)                   bash bench/sessions/2026-12-06-later.sh chunk N
+# bench/RESULTS.md's "2026-12-06 (later session)" section, on one warm GPU in back-to-back calls (a machine idle
+# for ~30 s is given back, and a new one is bare): the merged tree's GPU-only tests, and generation with a static
+# cache and a compiled decoding step ("compiled") beside static batches, on the 7B shape and on the real base before
+# and after tuning. The inputs are those of bench/sessions/2026-12-06.sh (its header says how each is fetched here)
+# and the bf16 seed-42 adapter that session trained, in build/adapter-bf16-s42:
+#   1. carry .whl-base build/carry build/adapter-bf16-s42 .whl-g/c0
+#                                                     bash bench/sessions/2026-12-06-later.sh 1  (tests; starts the work)
+#   2-5. carry .whl-g/cN (N = 1..4)                   bash bench/sessions/2026-12-06-later.sh chunk N
 #   then, until its status says "all done":           bash bench/sessions/2026-12-06-later.sh wait SECONDS
 #   last:                                             bash bench/sessions/2026-12-06-later.sh collect
 set -uo pipefail
 S=/tmp/s; out=${OUT:-/tmp/out}; mkdir -p "$S" "$out"
 say() { echo "$(date +%T) $*" | tee -a "$S/status"; }
-fa4_path() { bash bench/speed_inputs.sh env; }
 held_out=(data/heldout_alpaca.jsonl data/heldout_sql.jsonl data/eval_prompts.jsonl)
 case "$1" in
 1)
   nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv | tee "$S/gpu.txt"
-  bash bench/speed_inputs.sh install .whl-base && bash bench/speed_inputs.sh fa4 .whl-fa4/part1
+  bash bench/speed_inputs.sh install .whl-base
   mkdir -p build && tar -xJf build/carry/real-data.tar.xz -C build
   repo=$S/repo; rm -rf "$repo"; mkdir -p "$repo"  # later calls re-send the tree: the work runs from a copy of it
   tar --exclude="./.whl*" --exclude="./.git" -cf - . | tar -C "$repo" -xf -
-  mkdir -p "$S/gemma"
+  mkdir -p "$S/gemma" && cp .whl-g/c0/* "$S/gemma/"
   (cd "$repo" && setsid nohup bash bench/sessions/2026-12-06-later.sh work > "$S/work.log" 2>&1 < /dev/null &)
   # the GPU-only tests (the FP8 base's Triton kernels and GEMMs, fused LoRA's grouped path) and generation's
   PYTHONPATH=/tmp/site:/tmp/mc:$PWD python -m pytest -q -p no:cacheprovider tests/test_fp8_base.py \
     tests/test_fused_lora.py tests/test_generation.py 2>&1 | tail -6 | tee "$S/gpu-tests.txt"
-  tail -3 "$S/status" ;;
-2)
-  mkdir -p "$S/repo/build" && cp -r build/adapter-bf16-s42 "$S/repo/build/"
-  bash bench/speed_inputs.sh fa4 .whl-fa4/part2 && touch "$S/fa4-ready"
   tail -3 "$S/status" ;;
 chunk)
   cp .whl-g/c"$2"/* "$S/gemma/"
@@ -52,11 +45,6 @@ work)  # detached, from $S/repo
   TORCH_LOGS=recompiles,perf_hints PYTHONPATH=/tmp/site:$PWD python bench/generation_speed.py --base /tmp/smoke/mistral-7b --limit 128 \
     --runs static:128 compiled:128 --out "$S/gen-7b.json" > "$S/gen-7b.log" 2>&1
   say "7B generation done"; tail -5 "$S/gen-7b.log" >> "$S/status"
-  until [ -f "$S/fa4-ready" ]; do sleep 5; done
-  PYTHONPATH=$(fa4_path) python bench/speed.py --model /tmp/smoke/mistral-7b --data /tmp/smoke/alpaca.jsonl \
-    --steps 8 --rows 4000 --timeout 170 --work "$S/speed" --out "$S/speed.md" --configs lora-recipe lora-fp8-recipe \
-    > "$S/speed.log" 2>&1
-  say "speed done"; tail -4 "$S/speed.md" >> "$S/status"
   until [ -f build/gemma-3-270m/conversion.json ] || grep -q "convert failed" "$S/status"; do sleep 5; done
   TORCH_LOGS=recompiles,perf_hints PYTHONPATH=/tmp/site:$PWD python bench/generation_speed.py --base build/gemma-3-270m --tuned build/adapter-bf16-s42 \
     --prompts "${held_out[@]}" --models base tuned --runs static:512 compiled:512 --out "$S/gen-real.json" \
