@@ -9,6 +9,9 @@
 #   2-5. carry .whl-g/cN (N = 1..4)                   bash bench/sessions/2026-12-06-later.sh chunk N
 #   then, until its status says "all done":           bash bench/sessions/2026-12-06-later.sh wait SECONDS
 #   last:                                             bash bench/sessions/2026-12-06-later.sh collect
+# With little device time left, one call instead (carry .whl-base): the GPU-only tests, then the 7B shape's
+# generation, 64 prompts, static beside compiled, everything written to $OUT as it goes:
+#                                                     bash bench/sessions/2026-12-06-later.sh quick
 set -uo pipefail
 S=/tmp/s; out=${OUT:-/tmp/out}; mkdir -p "$S" "$out"
 say() { echo "$(date +%T) $*" | tee -a "$S/status"; }
@@ -26,6 +29,16 @@ case "$1" in
   PYTHONPATH=/tmp/site:/tmp/mc:$PWD python -m pytest -q -p no:cacheprovider tests/test_fp8_base.py \
     tests/test_fused_lora.py tests/test_generation.py 2>&1 | tail -6 | tee "$S/gpu-tests.txt"
   tail -3 "$S/status" ;;
+quick)
+  nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv | tee "$out/gpu.txt"
+  bash bench/speed_inputs.sh install .whl-base
+  (WORK=/tmp/smoke PYTHONPATH=/tmp/site:$PWD bash bench/inputs.sh > "$out/inputs.log" 2>&1) &
+  PYTHONPATH=/tmp/site:/tmp/mc:$PWD python -m pytest -q -p no:cacheprovider tests/test_fp8_base.py \
+    tests/test_fused_lora.py tests/test_generation.py 2>&1 | tail -6 | tee "$out/gpu-tests.txt"
+  wait
+  TORCH_LOGS=recompiles,perf_hints PYTHONPATH=/tmp/site:$PWD python bench/generation_speed.py \
+    --base /tmp/smoke/mistral-7b --limit 64 --runs static:64 compiled:64 --out "$out/gen-7b.json" > "$out/gen-7b.log" 2>&1
+  tail -8 "$out/gen-7b.log" ;;
 chunk)
   cp .whl-g/c"$2"/* "$S/gemma/"
   if [ "$(ls "$S/gemma" | wc -l)" -eq 5 ]; then  # all in: unpacked, installed, converted (CPU) beside the GPU work
