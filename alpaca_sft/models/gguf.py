@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .spm import CHECK_TEXTS, CONTROL, UNUSED, USER_DEFINED, Vocabulary, build_tokenizer, reference_encode
+from .spm import (CHECK_TEXTS, CONTROL, UNUSED, USER_DEFINED, Vocabulary, build_tokenizer, reference_encode,
+                  with_pieces_added)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # The pre-tokenizer splits llama.cpp implements for byte-level BPE, by the name a GGUF gives them (tokenizer.ggml.pre):
@@ -103,7 +104,7 @@ def read_vocabulary(path: Path, reader=None) -> tuple[Vocabulary | ByteLevelVoca
 def build_byte_level_tokenizer(vocabulary: ByteLevelVocabulary, bos_id: int | None):
     """A `tokenizers.Tokenizer` for a byte-level BPE as llama.cpp runs it: the named split, then bytes as
     characters, merges in the file's order; control tokens special, user-defined ones matched whole."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     merges = [tuple(merge.split(" ")) for merge in vocabulary.merges]
     # Unused placeholders (llama.cpp's "[PAD151643]"... for an embedding's spare rows) stay out: the rows stay spare,
@@ -114,14 +115,7 @@ def build_byte_level_tokenizer(vocabulary: ByteLevelVocabulary, bos_id: int | No
         pre_tokenizers.Split(Regex(BYTE_LEVEL_SPLITS[vocabulary.pre]), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
-    kinds = {CONTROL: True, USER_DEFINED: False}
-    tokenizer.add_tokens([AddedToken(p, normalized=False, special=kinds[t]) for p, t in zip(vocabulary.pieces, vocabulary.types)
-                          if t in kinds])
-    if bos_id is not None:
-        bos = vocabulary.pieces[bos_id]
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-    return tokenizer
+    return with_pieces_added(tokenizer, vocabulary, {CONTROL: True, USER_DEFINED: False}, bos_id)
 
 
 def write_tokenizer(vocabulary: Vocabulary | ByteLevelVocabulary, special: dict, folder: Path) -> None:

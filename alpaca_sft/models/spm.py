@@ -99,7 +99,7 @@ def reference_encode(text: str, vocabulary: Vocabulary) -> list[int]:
 
 def build_tokenizer(vocabulary: Vocabulary, bos_id: int | None, unk_id: int | None):
     """A `tokenizers.Tokenizer` that encodes as reference_encode does, with the BOS put in front if bos_id."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     ids, mergeable = vocabulary.ids, vocabulary.mergeable
     ranked = []
@@ -116,7 +116,14 @@ def build_tokenizer(vocabulary: Vocabulary, bos_id: int | None, unk_id: int | No
         [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
         + ([decoders.Strip(" ", 1, 0)] if vocabulary.add_space_prefix else [])
     )
-    kinds = {CONTROL: True, USER_DEFINED: False, UNKNOWN: True}
+    return with_pieces_added(tokenizer, vocabulary, {CONTROL: True, USER_DEFINED: False, UNKNOWN: True}, bos_id)
+
+
+def with_pieces_added(tokenizer, vocabulary, kinds: dict[int, bool], bos_id: int | None):
+    """The tokenizer with the vocabulary's pieces of `kinds` (token type: special or not) matched whole, and the
+    BOS put first where the model's tokenizer adds one."""
+    from tokenizers import AddedToken, processors
+
     tokenizer.add_tokens([AddedToken(p, normalized=False, special=kinds[t]) for p, t in zip(vocabulary.pieces, vocabulary.types)
                           if t in kinds])
     if bos_id is not None:
