@@ -21,8 +21,10 @@ on the real Gemma-3-270m, where every prompt fits one batch of 512, refill ran a
 for the tuned model and 0.92x for the base (same number of forward passes: its rounds cost more than the rows they
 drop, on a model this small whose steps are host-bound); on the random-weight 7B shape (128 prompts, none stops)
 refill ran 1.48x static at a batch of 128, which grouped decoding alone may explain (not measured apart there). So
-static stays the default, and refill is kept to measure on larger models. A real base's steps being host-bound (24 ms
-for 414 rows, where its GPU work is a few ms) is what "compiled" is for; it stays an option until measured there.
+static stays the default, and refill is kept to measure on larger models. "compiled" (bench/RESULTS.md, 2026-12-06
+later session), on the 7B shape, 64 prompts in one batch: 9.87 prompts/s against static's 1.62 (6.1x; 12.7 ms a step
+against 77), its first run, compile included, 30 s against static's 40. Not yet measured on the real base, whose steps
+are host-bound too (24 ms for 414 rows, where its GPU work is a few ms): it stays an option until then.
 
 Every way, the longest prompts go first (less padding) and the answers come back in the prompts' order; a batch
 that runs out of GPU memory is split and goes on, said once.
