@@ -9,6 +9,12 @@
 #   2-5. carry .whl-g/cN (N = 1..4)                   bash bench/sessions/2026-12-06-later.sh chunk N
 #   then, until its status says "all done":           bash bench/sessions/2026-12-06-later.sh wait SECONDS
 #   last:                                             bash bench/sessions/2026-12-06-later.sh collect
+# Then, if device time is left on the same warm machine, the 7B training speed after the shared-input cache change
+# (bench/speed.py, the bf16 and FP8 recipes), FlashAttention-4 in two halves; it starts once the generation is done:
+#   carry .whl-fa4/part1                              bash bench/sessions/2026-12-06-later.sh fa4 1
+#   carry .whl-fa4/part2                              bash bench/sessions/2026-12-06-later.sh fa4 2
+#   then                                              bash bench/sessions/2026-12-06-later.sh wait SECONDS "speed done"
+#                                                     bash bench/sessions/2026-12-06-later.sh collect
 # With little device time left, one call instead (carry .whl-base): the GPU-only tests, then the 7B shape's
 # generation, 64 prompts, static beside compiled, everything written to $OUT as it goes:
 #                                                     bash bench/sessions/2026-12-06-later.sh quick
@@ -65,9 +71,22 @@ work)  # detached, from $S/repo: the real base first (the 7B shape's inputs buil
     --out "$S/gen-7b.json" > "$S/gen-7b.log" 2>&1
   say "7B generation done"; tail -5 "$S/gen-7b.log" >> "$S/status"
   say "all done" ;;
+fa4)
+  bash bench/speed_inputs.sh fa4 .whl-fa4/part"$2"
+  if [ "$2" = 2 ]; then
+    (cd "$S/repo" && setsid nohup bash bench/sessions/2026-12-06-later.sh speed > "$S/speed.log" 2>&1 < /dev/null &)
+    sleep 2
+  fi
+  tail -3 "$S/status" ;;
+speed)  # detached, from $S/repo, alone on the GPU once the generation is done
+  until grep -q "all done" "$S/status"; do sleep 5; done
+  PYTHONPATH=$(bash bench/speed_inputs.sh env) python bench/speed.py --model /tmp/smoke/mistral-7b \
+    --data /tmp/smoke/alpaca.jsonl --steps 8 --rows 4000 --timeout 170 --work "$S/speed" --out "$S/speed.md" \
+    --configs lora-recipe lora-fp8-recipe > "$S/speed-run.log" 2>&1
+  say "speed done"; tail -4 "$S/speed.md" >> "$S/status" ;;
 wait)
   end=$((SECONDS + $2))
-  until grep -q "all done" "$S/status" 2>/dev/null || [ $SECONDS -ge $end ]; do sleep 10; done
+  until grep -q "${3:-all done}" "$S/status" 2>/dev/null || [ $SECONDS -ge $end ]; do sleep 10; done
   cat "$S/status" ;;
 collect)
   tar -C "$S" -czf "$out/session.tar.gz" --exclude="*.safetensors" --exclude="*.pt" --exclude="*.pth" \
