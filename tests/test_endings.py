@@ -127,6 +127,9 @@ def test_scores_count_classes_and_rates_per_prompt_file_with_intervals():
     alpaca, sql = summary["groups"]["alpaca"], summary["groups"]["sql"]
     assert alpaca["prompts"] == 2 and alpaca["stopped_by_eos"] == 0.5 and alpaca["sql_executes"] is None
     assert alpaca["classes"]["looped"] == 1 and sql["classes"]["eos"] == 1 and sql["sql_result_match"] == 1
+    # the run's speeds: 3 answers of 4 new tokens, each 0.5 s of the run's wall time
+    assert summary["prompts_per_second"] == 2 and summary["new_tokens_per_second"] == 8
+    assert "prompts_per_second" not in alpaca and "new_tokens_per_second" not in alpaca
 
 
 def test_paired_tests_compare_models_on_the_same_prompts():

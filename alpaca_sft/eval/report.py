@@ -9,10 +9,10 @@ comparison.json (what a bench script builds its tables from):
         merged adapter merged_to, merge_max_abs_logit_diff, merge_and_save_seconds and, for a 4-bit or FP8
         trained one, qlora_gap or fp8_gap.
     scores: per model name: prompts, stopped_by_eos, exact_match, sql_executes, sql_result_match (rates, null
-        where no prompt applies), mean_new_tokens, sql_prompts, prompts_per_second; counts {metric: [successes,
-        trials]}, intervals {metric: [low, high]} (95% Wilson); classes {eos, ran_on, looped, cut: answers} and
+        where no prompt applies), mean_new_tokens, sql_prompts, prompts_per_second, new_tokens_per_second; counts
+        {metric: [successes, trials]}, intervals {metric: [low, high]} (95% Wilson); classes {eos, ran_on, looped, cut: answers} and
         class_intervals {class: [low, high]}; groups {prompt file: the same numbers on its prompts, without
-        prompts_per_second}.
+        the two speeds}.
     paired: one row per pair of models (a before b in the models' order), yes/no metric and group ("all" and,
         with several prompt files, each file): prompts, a_rate, b_rate, difference (b - a), only_a, only_b (the
         discordant prompts each way), p_value (McNemar's exact test).
@@ -38,7 +38,9 @@ METRICS = [
     ("sql_result_match", "SQL result = reference's", "{:.1%}"),
     ("sql_refused", "SQL answers refused (not run)", "{:d}"),
     ("prompts_per_second", "prompts per second", "{:.2f}"),
+    ("new_tokens_per_second", "new tokens per second", "{:,.0f}"),
 ]
+SPEEDS = ("prompts_per_second", "new_tokens_per_second")  # of the whole run: no row per prompt file
 EXAMPLES_PER_CLASS = 3
 
 
@@ -74,7 +76,7 @@ def summary_table(scores: dict[str, dict]) -> str:
     grouped = len(groups) > 1
     lines = _header("metric", names, grouped)
     for key, label, pattern in METRICS:
-        for group in groups if key != "prompts_per_second" else [ALL]:
+        for group in groups if key not in SPEEDS else [ALL]:
             numbers = [_numbers(scores[n], group) for n in names]
             cells = [_fmt(m.get(key), pattern, m.get("intervals", {}).get(key)) for m in numbers]
             if group == ALL or any(c != "n/a" for c in cells):

@@ -78,12 +78,13 @@ def groups_of(prompts: list[EvalPrompt]) -> list[str]:
 
 
 def score(prompts: list[EvalPrompt], generations: list[Generation]) -> tuple[dict, list[Judgment]]:
-    """One model's numbers in all (as summarize() gives them, and prompts per second) and per prompt file
+    """One model's numbers in all (as summarize() gives them, and prompts and new tokens per second) and per prompt file
     ("groups"), and the judgment of each answer."""
     judgments = [judge(p, g) for p, g in zip(prompts, generations)]
     summary = summarize(generations, judgments)
     seconds = sum(g.seconds for g in generations)
     summary["prompts_per_second"] = len(generations) / seconds if seconds else None
+    summary["new_tokens_per_second"] = sum(g.new_tokens for g in generations) / seconds if seconds else None
     summary["groups"] = {}
     for group in groups_of(prompts):
         members = [i for i, p in enumerate(prompts) if p.group == group]

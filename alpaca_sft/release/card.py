@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..eval.report import METRICS, summary_table
+from ..eval.report import METRICS, SPEEDS, summary_table
 from ..run_folder.record import RunRecord, RunSummary
 
 RECIPE_KEYS = ("model_name_or_path", "dataset_name", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
@@ -24,7 +24,7 @@ def model_card(base: str, record: RunRecord | None, scores: dict, prompts_file: 
     results = [
         EvalResult(task_type="text-generation", dataset_type="json", dataset_name=prompts_file, metric_type=key,
                    metric_name=label, metric_value=round(tuned[key], 4))
-        for key, label, _ in METRICS if tuned.get(key) is not None and key != "prompts_per_second"
+        for key, label, _ in METRICS if tuned.get(key) is not None and key not in SPEEDS
     ]
     data = ModelCardData(base_model=base, datasets=[dataset] + ([mixed] if mixed else []),
                          license="cc-by-nc-4.0" if alpaca else "other",
