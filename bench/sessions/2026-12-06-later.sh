@@ -5,7 +5,7 @@
 # and after tuning (the real base first: the device time left may end the 7B runs). The inputs are those of bench/sessions/2026-12-06.sh (its header says how each is fetched here)
 # and the bf16 seed-42 adapter that session trained, in build/adapter-bf16-s42:
 #   1. carry .whl-base build/carry build/adapter-bf16-s42 .whl-g/c0
-#                                                     bash bench/sessions/2026-12-06-later.sh 1  (tests; starts the work)
+#                                                     bash bench/sessions/2026-12-06-later.sh 1  (starts the work: tests first)
 #   2-5. carry .whl-g/cN (N = 1..4)                   bash bench/sessions/2026-12-06-later.sh chunk N
 #   then, until its status says "all done":           bash bench/sessions/2026-12-06-later.sh wait SECONDS
 #   last:                                             bash bench/sessions/2026-12-06-later.sh collect
@@ -31,10 +31,7 @@ case "$1" in
   tar --exclude="./.whl*" --exclude="./.git" -cf - . | tar -C "$repo" -xf -
   mkdir -p "$S/gemma" && cp .whl-g/c0/* "$S/gemma/"
   (cd "$repo" && setsid nohup bash bench/sessions/2026-12-06-later.sh work > "$S/work.log" 2>&1 < /dev/null &)
-  # the GPU-only tests (the FP8 base's Triton kernels and GEMMs, fused LoRA's grouped path) and generation's
-  PYTHONPATH=/tmp/site:/tmp/mc:$PWD python -m pytest -q -p no:cacheprovider tests/test_fp8_base.py \
-    tests/test_fused_lora.py tests/test_generation.py 2>&1 | tail -6 | tee "$S/gpu-tests.txt"
-  tail -3 "$S/status" ;;
+  sleep 5; tail -3 "$S/status" ;;
 quick)
   nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv | tee "$out/gpu.txt"
   bash bench/speed_inputs.sh install .whl-base
@@ -62,6 +59,11 @@ work)  # detached, from $S/repo: the real base first (the 7B shape's inputs buil
   export TORCH_LOGS=recompiles,perf_hints PYTHONPATH=/tmp/site:$PWD
   say "work starts"
   (WORK=/tmp/smoke bash bench/inputs.sh >> "$S/inputs.log" 2>&1; say "7B inputs ready") &
+  # while the real base's chunks arrive: the GPU-only tests (the FP8 base's Triton kernels and GEMMs, fused LoRA's
+  # grouped path) and generation's
+  PYTHONPATH=/tmp/site:/tmp/mc:$PWD python -m pytest -q -p no:cacheprovider tests/test_fp8_base.py \
+    tests/test_fused_lora.py tests/test_generation.py 2>&1 | tail -6 > "$S/gpu-tests.txt"
+  say "GPU tests: $(tail -1 "$S/gpu-tests.txt")"
   until [ -f build/gemma-3-270m/conversion.json ] || grep -q "convert failed" "$S/status"; do sleep 5; done
   python bench/generation_speed.py --base build/gemma-3-270m --tuned build/adapter-bf16-s42 --prompts "${held_out[@]}" \
     --models base tuned --runs static:512 compiled:512 --out "$S/gen-real.json" > "$S/gen-real.log" 2>&1
