@@ -26,8 +26,8 @@ from alpaca_sft.eval.comparison_dir import ComparisonDir, ComparisonDirError, In
 from alpaca_sft.eval.prompts import ContextError, PromptFileError, check_lengths, read_prompt_files
 from alpaca_sft.eval.report import model_names, report_texts, side_by_side, tables
 from alpaca_sft.eval.scoring import paired_tests, score
-from alpaca_sft.models.generation import BATCHINGS, generate
-from alpaca_sft.models.loading import load_model, this_process_device
+from alpaca_sft.models.generation import BATCHINGS, auto_batching, generate
+from alpaca_sft.models.loading import load_for_inference, this_process_device
 from alpaca_sft.models.tokenizer import TokenizerError, load_tokenizer
 from alpaca_sft.release.card import model_card
 from alpaca_sft.release.gguf_export import K_QUANTS, TYPES, ExportError, export_for_release, push_files, release_name
@@ -50,9 +50,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=512,
                         help="prompts generated at once, in batches of similar length; one that runs out of GPU memory "
                              "is split (bench/RESULTS.md: prompts per second by batch size)")
-    parser.add_argument("--batching", choices=BATCHINGS, default="static",
+    parser.add_argument("--batching", choices=("auto", *BATCHINGS), default="auto",
                         help="how prompts share the GPU (alpaca_sft/models/generation.py): static batches; refill; "
-                             "compiled (static batches, the decoding step compiled with CUDA graphs on a GPU)")
+                             "compiled (static batches, the decoding step compiled with CUDA graphs on a GPU: tens of "
+                             "seconds once, then several times faster); auto: compiled on a GPU where the run has "
+                             "enough decoding steps (batches x max_new_tokens) to repay the compile, static otherwise")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--allow_other_base", action="store_true", help="merge an adapter into a base it was not trained on")
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the merged model, tokenizer and card (one --tuned)")
@@ -139,19 +141,19 @@ def generate_all(args, prompts, runs: dict, tokenizers: dict, folder: Comparison
     what models[name] records, and where each merged model is staged."""
     texts, first = [p.prompt for p in prompts], next(iter(runs))
     print(f"base model {args.base}: generating for {len(prompts)} prompts")
-    model = load_model(args.base, dtype, device=device).eval()
+    model = load_for_inference(args.base, dtype, device)
     generations = {"base": generate(model, tokenizers[first], texts, args.max_new_tokens, args.batch_size,
                                     args.batching)}
     models, staged = {"base": {"path": args.base}}, {}
     for name, run in runs.items():
         if run.is_adapter:
             staged[name], final = folder.stage_model(name if len(runs) > 1 else None)
-            base_model = model if model is not None else load_model(args.base, dtype, device=device).eval()
+            base_model = model if model is not None else load_for_inference(args.base, dtype, device)
             model, models[name] = merge_run(args, name, run, base_model, tokenizers[name], texts[:4], staged[name],
                                             final, dtype)
         else:
             model = None  # the base, freed before another model loads
-            model, models[name] = load_model(str(run.path), dtype, device=device).eval(), {"path": str(run.path)}
+            model, models[name] = load_for_inference(str(run.path), dtype, device), {"path": str(run.path)}
         print(f"{name}: generating for {len(prompts)} prompts")
         generations[name] = generate(model, tokenizers[name], texts, args.max_new_tokens, args.batch_size, args.batching)
         model = None
@@ -180,6 +182,9 @@ def main(args) -> dict:
     check_output_dir(output_dir, args.base, runs)
     device = this_process_device()
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    if args.batching == "auto":
+        args.batching, why = auto_batching(len(prompts), args.batch_size, args.max_new_tokens, device)
+        print(f"batching {why} (--batching auto)")
     tokenizers = {name: load_tokenizer(str(run.path) if (run.path / "tokenizer_config.json").is_file() else args.base)
                   for name, run in runs.items()}
     if warning := check_lengths(prompts, next(iter(tokenizers.values())), context_of(args.base), args.max_new_tokens):

@@ -43,7 +43,7 @@ import transformers
 from alpaca_sft.eval.prompts import read_prompt_files
 from alpaca_sft.kernels.grouped_decode import grouped_decoding
 from alpaca_sft.models.generation import BATCHINGS, Generation, generate
-from alpaca_sft.models.loading import load_model, this_process_device
+from alpaca_sft.models.loading import load_for_inference, this_process_device
 from alpaca_sft.models.tokenizer import load_tokenizer
 from harness import argument_parser, device_name, write_results
 
@@ -154,10 +154,10 @@ def measure(name: str, model, tokenizer, prompts: list[str], args) -> dict:
 def load_tuned(args, dtype: str, device: str):
     """The tuned model: an adapter merged into the base (peft's merge_and_unload), or a merged folder as it is."""
     if not (Path(args.tuned) / "adapter_config.json").is_file():
-        return load_model(args.tuned, dtype, device=device).eval()
+        return load_for_inference(args.tuned, dtype, device)
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_model(args.base, dtype, device=device), args.tuned).merge_and_unload().eval()
+    return PeftModel.from_pretrained(load_for_inference(args.base, dtype, device), args.tuned).merge_and_unload().eval()
 
 
 def table(results: dict) -> str:
@@ -195,7 +195,7 @@ def main():
                "torch": torch.__version__, "transformers": transformers.__version__, "dtype": dtype,
                "prompts": len(prompts), "prompt_files": args.prompts, "max_new_tokens": args.max_new_tokens,
                "models": {}}
-    models = [("base", lambda: load_model(args.base, dtype, device=device).eval())]
+    models = [("base", lambda: load_for_inference(args.base, dtype, device))]
     if args.tuned:
         models.append(("tuned", lambda: load_tuned(args, dtype, device)))
     for name, load in [(name, load) for name, load in models if name in args.models]:

@@ -10,7 +10,8 @@ from conftest import REPO, THREE
 
 from alpaca_sft.data.template import render_prompt
 from alpaca_sft.eval.prompts import read_prompts
-from alpaca_sft.models.generation import generate
+from alpaca_sft.models.generation import COMPILE_PAYS_BACK_AFTER_STEPS, auto_batching, generate
+from alpaca_sft.models.loading import load_for_inference
 from alpaca_sft.models.tokenizer import load_tokenizer
 
 
@@ -174,6 +175,55 @@ def test_the_compiled_decoding_step_is_one_graph_replayed_every_step_and_every_b
     assert len(graphs) == 1 and len(int_inputs) == 2 * 11  # every decoding step of both batches ran the one graph
     assert set(int_inputs) == {()}
     assert "did not compile" not in capsys.readouterr().out
+
+
+def recording_compile_config(graphs: list):
+    """transformers' compile of the decoding step, on a CPU, with a backend that records each graph it is given (one
+    backend for every model it is set on: torch compiles again for another backend)."""
+    from transformers import CompileConfig
+
+    def recording_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    config = CompileConfig(backend=recording_backend, mode=None)
+    config._compile_all_devices = True
+    return config
+
+
+@pytest.mark.parametrize("load", ["for_inference", "trainable"])
+def test_the_tuned_model_decodes_with_the_step_compiled_for_its_base(tiny_model_dir, tuned_three, load):
+    # eval_compare.py merges the adapter into the base it generated with; peft freezes the weights it loads into, so a
+    # base left trainable (the control) has the step compiled again for the tuned model, on a GPU tens of seconds
+    import torch._dynamo
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch._dynamo.reset()  # no graph left by another test
+    tokenizer = load_tokenizer(str(tuned_three))
+    prompts = [render_prompt(r["instruction"], r["input"]) for r in THREE]
+    base = (load_for_inference(str(tiny_model_dir), "float32", "cpu") if load == "for_inference"
+            else AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
+    graphs = []
+    base.generation_config.compile_config = recording_compile_config(graphs)
+    generate(base, tokenizer, prompts, 4, batch_size=3, batching="compiled")
+    tuned = PeftModel.from_pretrained(base, str(tuned_three)).merge_and_unload().eval()
+    answers = generate(tuned, tokenizer, prompts, 4, batch_size=3, batching="compiled")
+    del tuned._compiled_call
+    torch._dynamo.reset()
+    assert len(graphs) == (1 if load == "for_inference" else 2)
+    assert [a.text for a in answers] == [a.text for a in generate(tuned, tokenizer, prompts, 4, batch_size=3)]
+
+
+def test_auto_batching_compiles_on_a_gpu_only_when_the_decoding_steps_repay_it():
+    enough = COMPILE_PAYS_BACK_AFTER_STEPS
+    assert auto_batching(1514, 512, 512, "cuda:0")[0] == "compiled"  # 3 batches x 512 steps
+    assert auto_batching(414, 512, enough, "cuda:0")[0] == "compiled"
+    assert auto_batching(414, 512, enough - 1, "cuda:0")[0] == "static"
+    assert auto_batching(1024, 512, enough // 2, "cuda:0")[0] == "compiled"  # two batches of half the steps
+    assert auto_batching(14, 512, 128, "cuda:0") == ("static", f"static: 128 decoding steps, fewer than the {enough} "
+                                                               "after which compiling the step pays back")
+    assert auto_batching(1514, 512, 512, "cpu") == ("static", "static: on cpu the decoding step is not compiled")
 
 
 def test_a_single_prompt_out_of_memory_is_raised(sliding):

@@ -4,7 +4,8 @@ Used after training (train/validation.py's samples), by eval_compare.py and benc
 batch (`batching`), all through transformers' generate and with the same answers (in fp32, those of one prompt at a
 time; tests/test_generation.py):
 
-- "static" (the default): batches of similar length, each generated until its longest answer ends.
+- "static" (generate()'s default; eval_compare.py's "auto" chooses with auto_batching()): batches of similar length,
+  each generated until its longest answer ends.
 - "refill": at most `batch_size` prompts generate together, in rounds. A round ends once an eighth of
   its rows are done (EOS, or their token limit); the done rows then leave the KV cache, and waiting prompts join it:
   they are run through the model into a cache of their own, laid beside the running one, both left-padded to one
@@ -16,15 +17,14 @@ time; tests/test_generation.py):
   decodes uncompiled on the static cache, said once. Its first batch also compiles the step (bench/generation_speed.py
   times that apart); _CompiledDecoding says what compiles again.
 
-Measured on an H100 (bench/RESULTS.md, 2026-12-06; bench/generation_speed.py), 414 held-out prompts, 512 new tokens:
-on the real Gemma-3-270m, where every prompt fits one batch of 512, refill ran at 0.37x static's prompts per second
-for the tuned model and 0.92x for the base (same number of forward passes: its rounds cost more than the rows they
-drop, on a model this small whose steps are host-bound); on the random-weight 7B shape (128 prompts, none stops)
-refill ran 1.48x static at a batch of 128, which grouped decoding alone may explain (not measured apart there). So
-static stays the default, and refill is kept to measure on larger models. "compiled" (bench/RESULTS.md, 2026-12-06
-later session), on the 7B shape, 64 prompts in one batch: 9.87 prompts/s against static's 1.62 (6.1x; 12.7 ms a step
-against 77), its first run, compile included, 30 s against static's 40. Not yet measured on the real base, whose steps
-are host-bound too (24 ms for 414 rows, where its GPU work is a few ms): it stays an option until then.
+Measured on H100s (bench/RESULTS.md, 2026-12-06 and its third session; bench/generation_speed.py), 414 held-out
+prompts, 512 new tokens, on the real Gemma-3-270m (every prompt in one batch of 512): refill ran at 0.37x static's
+prompts per second for the tuned model and 0.92x for the base (its rounds cost more than the rows they drop, on a
+model this small whose steps are host-bound); compiled at 3.03x for the tuned model (88.5 prompts/s against 29.2)
+and 7.50x for the base (86.3 against 11.5), once compiled: the first run, compile included, took 14.4 s against
+static's 14.2 and 30.0 s against 36.0. On the random-weight 7B shape, 128 prompts in one batch: compiled 5.91x
+static (14.0 prompts/s against 2.37; first run with the compile 39.5 s against 54), refill 1.48x. So refill is kept
+to measure on larger models, and auto_batching() chooses between static and compiled by what the compile costs.
 
 Every way, the longest prompts go first (less padding) and the answers come back in the prompts' order; a batch
 that runs out of GPU memory is split and goes on, said once.
@@ -50,9 +50,28 @@ from transformers.cache_utils import (Cache, DynamicLayer, DynamicSlidingWindowL
 from ..kernels.grouped_decode import grouped_decoding
 
 BATCHINGS = ("compiled", "refill", "static")
+# Compiling the decoding step costs tens of seconds once per process and shape (25-40 s measured on an H100) and then
+# saves tens of milliseconds a step: it pays back past about this many decoding steps (batches x new tokens). On the
+# real Gemma-3-270m (bench/RESULTS.md, 2026-12-06 third session), 414 prompts in one batch, base then tuned:
+# 128 new tokens took 39.8 s compiled against 17.7 s static (eval_compare.py), 512 took 44.4 s against 50.2 s
+# (generation_speed.py's first runs); the 7B shape gains
+# more per step (54 s static against 39.5 s compiled for 512 steps, compile included).
+COMPILE_PAYS_BACK_AFTER_STEPS = 512
 # A round ends once this share of its rows is done: each round costs a generate() call, a prefill of the joining
 # prompts and a copy of the cache (about one decoding step), and rows that finished early in it wait for its end.
 ROUND_END_SHARE = 1 / 8
+
+
+def auto_batching(prompts: int, batch_size: int, max_new_tokens: int, device: str) -> tuple[str, str]:
+    """"compiled" where transformers compiles (a GPU) and the run is long enough for the compile to pay back,
+    "static" otherwise; and why, in words."""
+    steps = -(-prompts // batch_size) * max_new_tokens
+    if not str(device).startswith("cuda"):
+        return "static", f"static: on {device} the decoding step is not compiled"
+    if steps < COMPILE_PAYS_BACK_AFTER_STEPS:
+        return "static", (f"static: {steps} decoding steps, fewer than the {COMPILE_PAYS_BACK_AFTER_STEPS} after "
+                          "which compiling the step pays back")
+    return "compiled", f"compiled: {steps} decoding steps repay compiling the step (tens of seconds, once)"
 
 
 @dataclass(frozen=True)

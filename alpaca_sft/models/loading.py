@@ -33,6 +33,13 @@ def load_model(name_or_path: str, dtype: str | None = "auto", *, revision: str |
     )
 
 
+def load_for_inference(name_or_path: str, dtype: str, device: str):
+    """A model to generate with: in eval mode, its weights frozen. Frozen, the base and a tuned model merged from it
+    (peft freezes what it loads into) decode with one compiled step: torch.compile's guards check each weight's
+    requires_grad, and a mismatch compiles the step again (tests/test_generation.py)."""
+    return load_model(name_or_path, dtype, device=device).eval().requires_grad_(False)
+
+
 def set_generation_ids(model, tokenizer) -> None:
     """What a saved model needs to stop by itself and to batch-generate without being told."""
     model.generation_config.eos_token_id = tokenizer.eos_token_id
