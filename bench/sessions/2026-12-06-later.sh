@@ -15,6 +15,8 @@
 #   carry .whl-fa4/part2                              bash bench/sessions/2026-12-06-later.sh fa4 2
 #   then                                              bash bench/sessions/2026-12-06-later.sh wait SECONDS "speed done"
 #                                                     bash bench/sessions/2026-12-06-later.sh collect
+# transformers' continuous batching on the tuned real base instead (static beside it): call 1 as `1 continuous`, then
+# the chunks, wait and collect as above.
 # With little device time left, one call instead (carry .whl-base): the GPU-only tests, then the 7B shape's
 # generation, 64 prompts, static beside compiled, everything written to $OUT as it goes:
 #                                                     bash bench/sessions/2026-12-06-later.sh quick
@@ -30,7 +32,7 @@ case "$1" in
   repo=$S/repo; rm -rf "$repo"; mkdir -p "$repo"  # later calls re-send the tree: the work runs from a copy of it
   tar --exclude="./.whl*" --exclude="./.git" -cf - . | tar -C "$repo" -xf -
   mkdir -p "$S/gemma" && cp .whl-g/c0/* "$S/gemma/"
-  (cd "$repo" && setsid nohup bash bench/sessions/2026-12-06-later.sh work > "$S/work.log" 2>&1 < /dev/null &)
+  (cd "$repo" && setsid nohup bash bench/sessions/2026-12-06-later.sh "work${2:+-$2}" > "$S/work.log" 2>&1 < /dev/null &)
   sleep 5; tail -3 "$S/status" ;;
 quick)
   nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv | tee "$out/gpu.txt"
@@ -86,6 +88,15 @@ speed)  # detached, from $S/repo, alone on the GPU once the generation is done
     --data /tmp/smoke/alpaca.jsonl --steps 8 --rows 4000 --timeout 170 --work "$S/speed" --out "$S/speed.md" \
     --configs lora-recipe lora-fp8-recipe > "$S/speed-run.log" 2>&1
   say "speed done"; tail -4 "$S/speed.md" >> "$S/status" ;;
+work-continuous)  # `1 continuous`: transformers' continuous batching beside static on the tuned real base, no more
+  export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=/tmp/site:$PWD
+  say "work starts"
+  until [ -f build/gemma-3-270m/conversion.json ] || grep -q "convert failed" "$S/status"; do sleep 5; done
+  timeout 200 python bench/generation_speed.py --base build/gemma-3-270m --tuned build/adapter-bf16-s42 \
+    --prompts "${held_out[@]}" --models tuned --runs static:512 continuous:128 --out "$S/gen-continuous.json" \
+    > "$S/gen-continuous.log" 2>&1
+  say "continuous done (exit $?)"; tail -5 "$S/gen-continuous.log" >> "$S/status"
+  say "all done" ;;
 wait)
   end=$((SECONDS + $2))
   until grep -q "${3:-all done}" "$S/status" 2>/dev/null || [ $SECONDS -ge $end ]; do sleep 10; done
