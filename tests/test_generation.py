@@ -145,26 +145,33 @@ def test_a_batch_out_of_memory_is_split_and_goes_on(sliding, batching, capsys):
     assert rows[0] == 6 and max(rows[1:]) < 6 and max(rows[-5:]) <= 2  # halved until it fits, and stays there
 
 
-def test_the_compiled_decoding_step_is_one_graph_replayed_every_step_and_every_batch(sliding, capsys):
-    # torch.compile as transformers calls it, with a backend that records each graph and each call instead of
-    # inductor (CPU; transformers compiles there only when told to). An int input to the step (a count of tokens) would
-    # make CUDA graphs record a new graph every step, and a recompile for the second batch (a new cache) another.
+def recording_compile_config(graphs: list, int_inputs: list | None = None):
+    """transformers' compile of the decoding step, on a CPU, with a backend that records each graph it is given and,
+    into int_inputs, the non-tensor inputs of each call (one backend for every model it is set on: torch compiles
+    again for another backend)."""
     from transformers import CompileConfig
-
-    model, tokenizer, prompts, answers = sliding
-    graphs, int_inputs = [], []
 
     def recording_backend(graph, example_inputs):
         graphs.append(graph)
 
         def run(*inputs):
-            int_inputs.append(tuple(i for i in inputs if not isinstance(i, torch.Tensor)))
+            if int_inputs is not None:
+                int_inputs.append(tuple(i for i in inputs if not isinstance(i, torch.Tensor)))
             return graph.forward(*inputs)
         return run
 
     config = CompileConfig(backend=recording_backend, mode=None)
     config._compile_all_devices = True  # transformers' own switch for compiling on a CPU (its tests use it)
-    model.generation_config.compile_config = config
+    return config
+
+
+def test_the_compiled_decoding_step_is_one_graph_replayed_every_step_and_every_batch(sliding, capsys):
+    # torch.compile as transformers calls it, with a backend that records each graph and each call instead of
+    # inductor (CPU; transformers compiles there only when told to). An int input to the step (a count of tokens) would
+    # make CUDA graphs record a new graph every step, and a recompile for the second batch (a new cache) another.
+    model, tokenizer, prompts, answers = sliding
+    graphs, int_inputs = [], []
+    model.generation_config.compile_config = recording_compile_config(graphs, int_inputs)
     try:
         compiled = generate(model, tokenizer, prompts, 12, batch_size=4, batching="compiled")  # two batches of 4
     finally:
@@ -175,20 +182,6 @@ def test_the_compiled_decoding_step_is_one_graph_replayed_every_step_and_every_b
     assert len(graphs) == 1 and len(int_inputs) == 2 * 11  # every decoding step of both batches ran the one graph
     assert set(int_inputs) == {()}
     assert "did not compile" not in capsys.readouterr().out
-
-
-def recording_compile_config(graphs: list):
-    """transformers' compile of the decoding step, on a CPU, with a backend that records each graph it is given (one
-    backend for every model it is set on: torch compiles again for another backend)."""
-    from transformers import CompileConfig
-
-    def recording_backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    config = CompileConfig(backend=recording_backend, mode=None)
-    config._compile_all_devices = True
-    return config
 
 
 @pytest.mark.parametrize("load", ["for_inference", "trainable"])

